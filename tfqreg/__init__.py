@@ -1,0 +1,10 @@
+"""tfqreg: train Keras models that survive quantization, and ship them to edge hardware.
+
+Importing tfqreg makes Keras 2 (``tf_keras``) the Keras of this process (see
+:mod:`tfqreg._keras`), so import it before anything touches ``tf.keras``.
+"""
+
+from tfqreg import _keras  # noqa: F401  (must run first: sets TF_USE_LEGACY_KERAS)
+from tfqreg import datasets, foothill, grid  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""The one place where tfqreg resolves Keras.
+
+larq and TFMOT are built on Keras 2, which TensorFlow 2.16+ ships as the separate package
+``tf_keras`` and exposes as ``tf.keras`` only when ``TF_USE_LEGACY_KERAS=1`` is in effect the
+first time ``tf.keras`` is touched. This module:
+
+1. sets ``TF_USE_LEGACY_KERAS=1`` when the user has not (before TensorFlow resolves ``tf.keras``),
+2. imports ``tf_keras`` and checks that ``tf.keras`` is that same Keras 2 (otherwise larq, TFMOT
+   and tfqreg would be talking to two different Keras packages) and raises a clear ``ImportError``
+   saying what to do when it is not,
+3. offers :func:`check_keras2` so that public functions reject Keras 3 objects with a
+   ``TypeError`` instead of failing deep inside.
+
+Every other tfqreg module imports Keras as ``from tfqreg._keras import keras``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+_ENV = "TF_USE_LEGACY_KERAS"
+_TRUE = ("1", "true", "yes")
+
+_previous = os.environ.get(_ENV)
+if _previous is None or _previous.strip().lower() not in _TRUE:
+    if _previous is not None:
+        warnings.warn(
+            f"{_ENV}={_previous!r} was set, but tfqreg (like larq and TFMOT) needs Keras 2; "
+            f"setting {_ENV}=1.",
+            stacklevel=2,
+        )
+    os.environ[_ENV] = "1"
+
+import tensorflow as tf  # noqa: E402
+import tf_keras as keras  # noqa: E402
+
+_KERAS3_HELP = (
+    "tfqreg needs Keras 2 (the `tf_keras` package), but `tf.keras` in this process is Keras 3. "
+    "TensorFlow was imported and `tf.keras` was used before tfqreg could set "
+    "TF_USE_LEGACY_KERAS=1. Fix: set the environment variable before Python starts "
+    "(`export TF_USE_LEGACY_KERAS=1`), or `import tfqreg` (or `os.environ['TF_USE_LEGACY_KERAS']"
+    " = '1'`) before anything touches `tf.keras`, and build models with `tf_keras` / `tf.keras`."
+)
+
+
+def _tf_keras_is_keras2() -> bool:
+    try:
+        return tf.keras.layers.Layer is keras.layers.Layer
+    except Exception:  # pragma: no cover - a broken lazy loader counts as "not Keras 2"
+        return False
+
+
+if not _tf_keras_is_keras2():
+    raise ImportError(_KERAS3_HELP)
+
+
+def _is_keras3_object(obj) -> bool:
+    module = type(obj).__module__ or ""
+    return module.split(".")[0] == "keras" and not isinstance(obj, keras.layers.Layer)
+
+
+def check_keras2(obj, name: str = "model", kind=None):
+    """Raise ``TypeError`` unless ``obj`` is a Keras 2 (``tf_keras``) object.
+
+    Args:
+        obj: the object a user handed in.
+        name: the argument's name, used in the message.
+        kind: the expected ``tf_keras`` class (default ``keras.layers.Layer``, which covers models).
+
+    Returns:
+        ``obj``, so the call can be used inline.
+    """
+    kind = kind or keras.layers.Layer
+    if isinstance(obj, kind):
+        return obj
+    if _is_keras3_object(obj):
+        raise TypeError(
+            f"`{name}` is a Keras 3 object ({type(obj).__module__}.{type(obj).__name__}). "
+            "tfqreg, larq and TFMOT work with Keras 2: build it with `tf_keras` "
+            "(or `tf.keras` after `import tfqreg`, which sets TF_USE_LEGACY_KERAS=1)."
+        )
+    raise TypeError(
+        f"`{name}` must be a {kind.__module__}.{kind.__name__}, got {type(obj).__name__}."
+    )
+
+
+register = keras.utils.register_keras_serializable(package="tfqreg")
+"""Decorator that registers a class under the ``tfqreg`` package (``"tfqreg>Name"``)."""
+
+__all__ = ["keras", "tf", "check_keras2", "register"]
+
+del sys
