@@ -14,7 +14,7 @@ from typing import Optional
 
 from tfqreg._keras import keras
 
-__all__ = ["small_cnn", "tiny_cnn"]
+__all__ = ["small_cnn", "tiny_cnn", "bnn"]
 
 
 def small_cnn(
@@ -70,6 +70,52 @@ def tiny_cnn(kernel_regularizer=None, input_shape=(28, 28, 1), num_classes: int 
             keras.layers.GlobalAveragePooling2D(name="gap"),
             keras.layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg(),
                                name="fc"),
+        ],
+        name=name,
+    )
+
+
+def bnn(input_quantizer="ste_sign", kernel_quantizer="ste_sign", input_shape=(28, 28, 1),
+        num_classes: int = 10, filters=(16, 32), name: Optional[str] = "bnn") -> keras.Model:
+    """A small larq binary network: QuantConv-BN-Pool ×2, QuantDense, BN, softmax.
+
+    The first layer binarizes only its kernel (its input is the real image, as in larq's
+    examples); later layers binarize inputs and kernels. Kernels are clipped to [-1, 1]
+    (``kernel_constraint="weight_clip"``) so that the latent weights keep a gradient.
+
+    Args:
+        input_quantizer: larq quantizer (name or instance) for the inputs of layers 2..n, e.g.
+            ``"ste_sign"`` or ``"foothill_sign"`` (after ``import tfqreg.quantizers``).
+        kernel_quantizer: larq quantizer (name or instance) for every kernel.
+        filters: the two convolutions' widths.
+    """
+    import larq as lq
+
+    def fresh(q):
+        if q is None or isinstance(q, str):
+            return q
+        return q.__class__.from_config(q.get_config())
+
+    common = dict(kernel_quantizer=None, kernel_constraint="weight_clip", use_bias=False)
+
+    def quant(**kw):
+        return {**common, **kw, "kernel_quantizer": fresh(kernel_quantizer)}
+
+    return keras.Sequential(
+        [
+            keras.layers.InputLayer(input_shape=input_shape),
+            lq.layers.QuantConv2D(filters[0], 3, name="qconv1", **quant()),
+            keras.layers.BatchNormalization(scale=False, name="bn1"),
+            keras.layers.MaxPooling2D(name="pool1"),
+            lq.layers.QuantConv2D(filters[1], 3, name="qconv2",
+                                  **quant(input_quantizer=fresh(input_quantizer))),
+            keras.layers.BatchNormalization(scale=False, name="bn2"),
+            keras.layers.MaxPooling2D(name="pool2"),
+            keras.layers.Flatten(name="flatten"),
+            lq.layers.QuantDense(num_classes, name="qfc",
+                                 **quant(input_quantizer=fresh(input_quantizer))),
+            keras.layers.BatchNormalization(scale=False, name="bn3"),
+            keras.layers.Activation("softmax", name="softmax"),
         ],
         name=name,
     )
