@@ -110,8 +110,10 @@ class FoothillSign(_LarqBase):
         return {**super().get_config(), "beta": self.beta}
 
 
-ALIASES = {"foothill_sign": FoothillSign}
-"""Short names resolvable by ``larq.quantizers.get`` and Keras deserialization."""
+ALIASES = {"foothill_sign": FoothillSign, "FoothillSign": FoothillSign}
+"""Names resolvable by ``larq.quantizers.get`` and Keras deserialization: the short alias, and
+the plain class name, which larq's legacy (``.h5``) deserialization path looks up."""
 
-# larq resolves strings through Keras' global custom objects (``larq.utils.register_alias``).
+# larq resolves strings through Keras' global custom objects (``larq.utils.register_alias`` and
+# ``register_keras_custom_object`` do the same for larq's own quantizers).
 keras.utils.get_custom_objects().update(ALIASES)

@@ -1,0 +1,600 @@
+"""Post-training quantization on demand, and accuracy-vs-bits sweeps (methods.md, "post-training
+quantization on demand").
+
+:func:`quantize` takes a trained float model and a bit width and returns a NEW model (the input
+model is untouched):
+
+- weights: the kernel of every ``Dense``, ``Conv1D/2D/3D`` and ``DepthwiseConv2D`` layer is
+  replaced by its fake-quantized value on the tfqreg grid (:func:`tfqreg.grid.fake_quant`,
+  symmetric, default step ``max|w| / (2^(b-1) − 1)``, per output channel by default or per
+  tensor). Biases, BatchNorm and other weights stay in float (as in TFLite, where biases are
+  int32 and BatchNorm is folded). Transposed and separable convolutions are not touched, nor
+  larq ``Quant*`` layers that have a ``kernel_quantizer`` (they are quantized by larq already; a
+  larq layer without kernel quantizer counts as a plain layer).
+- activations (when ``activation_bits`` is given): the outputs of those layers (after their
+  activation function, as TFLite fuses it) and the model input are fake-quantized with
+  asymmetric ranges (TFLite's scheme, :func:`tfqreg.grid.fake_quant_activation`) calibrated as
+  the min/max over ``calibration_data`` (a few batches), through :class:`ActivationFakeQuant`
+  wrapper layers.
+
+:func:`sweep` evaluates the float model and each bit width and returns a :class:`SweepResult`:
+plain data that prints as a table and saves as JSON / CSV / a plot. It clones the model once
+and only re-assigns kernels and re-calibrates per width.
+
+>>> import numpy as np, tfqreg
+>>> from tfqreg import models, ptq
+>>> model = models.tiny_cnn()
+>>> q4 = ptq.quantize(model, weight_bits=4)                 # weights only
+>>> x = np.random.rand(64, 28, 28, 1).astype("float32")
+>>> q4a8 = ptq.quantize(model, 4, activation_bits=8, calibration_data=x)
+>>> y = np.random.randint(0, 10, 64)
+>>> result = ptq.sweep(model, (x, y), weight_bits=(8, 4), progress=False)
+>>> [row.weight_bits for row in result.rows]
+[None, 8, 4]
+
+Command line: ``tfqreg sweep MODEL --data fashion_mnist --bits 8 6 4 [--per-tensor]
+[--activation-bits N] [--json out.json] [--csv out.csv] [--plot out.png]``.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfqreg import grid
+from tfqreg._keras import check_keras2, keras, register, tf
+
+__all__ = [
+    "ActivationFakeQuant",
+    "quantizable_layers",
+    "quantize",
+    "SweepRow",
+    "SweepResult",
+    "sweep",
+    "add_arguments",
+    "run_cli",
+]
+
+_BATCH = 256
+
+
+# ----------------------------------------------------------------------------- argument checks
+def _check_args(model=None, weight_bits=None, activation_bits=None, per_channel=None,
+                narrow_range=None):
+    """The one argument check of this module; raises naming the argument."""
+    if model is not None:
+        check_keras2(model, "model", keras.Model)
+        if not isinstance(model, keras.Sequential) and not getattr(
+                model, "_is_graph_network", False):
+            raise TypeError(
+                f"`model` must be a Sequential or Functional model: a subclassed model "
+                f"({type(model).__name__}) cannot be cloned, so PTQ cannot build a new model "
+                "from it. Rebuild it with the functional API.")
+        if not quantizable_layers(model):
+            raise ValueError(
+                "`model` has no quantizable layer (Dense, Conv1D/2D/3D or DepthwiseConv2D "
+                "without a larq kernel_quantizer).")
+    if weight_bits is not None:
+        grid.check_bits(weight_bits, low=2, high=16, name="weight_bits")
+    if activation_bits is not None:
+        grid.check_bits(activation_bits, low=2, high=16, name="activation_bits")
+    for name, value in (("per_channel", per_channel), ("narrow_range", narrow_range)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+
+
+def _excluded_types():
+    names = ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "SeparableConv1D",
+             "SeparableConv2D")
+    return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
+
+
+def _kernel_attr(layer) -> str:
+    return "depthwise_kernel" if isinstance(layer, keras.layers.DepthwiseConv2D) else "kernel"
+
+
+def _is_quantizable(layer) -> bool:
+    if isinstance(layer, _excluded_types()) or grid.channel_axes_for(layer) is None:
+        return False
+    if getattr(layer, "kernel_quantizer", None) is not None:  # larq layer, already quantized
+        return False
+    return True
+
+
+def quantizable_layers(model: keras.Model) -> List[keras.layers.Layer]:
+    """The layers whose kernels PTQ quantizes (nested models included), in model order."""
+    check_keras2(model, "model", keras.Model)
+    out = []
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        if _is_quantizable(layer):
+            out.append(layer)
+    return out
+
+
+# ----------------------------------------------------------------------------- data helpers
+def _input_shape(model) -> Tuple:
+    shape = model.input_shape
+    if isinstance(shape, list):
+        raise ValueError("PTQ supports single-input models (this model has "
+                         f"{len(shape)} inputs).")
+    return tuple(shape)
+
+
+def _check_x(x, model, name: str):
+    expected = _input_shape(model)
+    shape = tuple(np.shape(x))
+    ok = len(shape) == len(expected) and all(
+        e is None or e == s for e, s in zip(expected[1:], shape[1:]))
+    if not ok:
+        raise ValueError(f"`{name}` has inputs of shape {shape}, but the model expects "
+                         f"{expected} (None = any).")
+
+
+def _batches(data, model, name: str, with_labels: bool, batch_size: int = _BATCH):
+    """Yield ``x`` or ``(x, y)`` batches from NumPy ``x`` / ``(x, y)`` or a ``tf.data`` set."""
+    if isinstance(data, tf.data.Dataset):
+        for i, element in enumerate(data):
+            if with_labels:
+                if not isinstance(element, (tuple, list)) or len(element) < 2:
+                    raise ValueError(f"`{name}` must yield (x, y) batches.")
+                x, y = element[0], element[1]
+            else:
+                x = element[0] if isinstance(element, (tuple, list)) else element
+            if i == 0:
+                _check_x(x, model, name)
+            yield (x, y) if with_labels else x
+        return
+    if isinstance(data, (tuple, list)):
+        if with_labels:
+            if len(data) != 2:
+                raise ValueError(f"`{name}` must be (x, y) or a tf.data.Dataset of (x, y).")
+            x, y = np.asarray(data[0]), np.asarray(data[1])
+            if len(x) != len(y):
+                raise ValueError(f"`{name}`: {len(x)} inputs but {len(y)} labels.")
+        else:
+            x = np.asarray(data[0])
+    elif with_labels:
+        raise ValueError(f"`{name}` must be (x, y) NumPy arrays or a tf.data.Dataset.")
+    else:
+        x = np.asarray(data)
+    _check_x(x, model, name)
+    if len(x) == 0:
+        raise ValueError(f"`{name}` is empty.")
+    x = x.astype(np.float32, copy=False)
+    for start in range(0, len(x), batch_size):
+        sl = slice(start, start + batch_size)
+        yield (x[sl], y[sl]) if with_labels else x[sl]
+
+
+# ----------------------------------------------------------------------------- wrapper layer
+@register
+class ActivationFakeQuant(keras.layers.Wrapper):
+    """Wraps a layer and fake-quantizes its output (and optionally its input) to ``bits`` on
+    calibrated asymmetric ranges (stored as non-trainable weights, so they are saved).
+
+    ``mode`` (a Python attribute, not saved): ``"quantize"`` (default), ``"calibrate"``
+    (pass values through and widen the stored ranges to their min/max) or ``"off"``.
+
+    Args:
+        layer: the wrapped layer.
+        bits: activation bit width, 2..16.
+        quantize_input: also quantize the layer's input (used for the model input).
+        quantize_output: quantize the layer's output.
+        narrow_range: use ``[1, 2^n − 1]`` instead of ``[0, 2^n − 1]``.
+    """
+
+    MODES = ("quantize", "calibrate", "off")
+
+    def __init__(self, layer, bits: int = 8, quantize_input: bool = False,
+                 quantize_output: bool = True, narrow_range: bool = False, **kwargs):
+        _check_args(activation_bits=bits, narrow_range=narrow_range)
+        kwargs.setdefault("name", f"afq_{layer.name}")
+        super().__init__(layer, **kwargs)
+        self.bits = int(bits)
+        self.quantize_input = bool(quantize_input)
+        self.quantize_output = bool(quantize_output)
+        self.narrow_range = narrow_range
+        self.mode = "quantize"
+
+    def build(self, input_shape=None):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+
+        def add(name):
+            return self.add_weight(name, shape=(), initializer="zeros", trainable=False)
+
+        self.input_min, self.input_max = add("input_min"), add("input_max")
+        self.output_min, self.output_max = add("output_min"), add("output_max")
+        super().build(input_shape)
+
+    def reset_ranges(self):
+        for v in (self.input_min, self.input_max, self.output_min, self.output_max):
+            v.assign(0.0)
+
+    def _apply(self, x, lo, hi):
+        if self.mode == "off":
+            return x
+        if self.mode == "calibrate":
+            flat = [tf.cast(t, tf.float32) for t in tf.nest.flatten(x)]
+            updates = [lo.assign(tf.minimum(lo, tf.reduce_min([tf.reduce_min(t) for t in flat]))),
+                       hi.assign(tf.maximum(hi, tf.reduce_max([tf.reduce_max(t) for t in flat])))]
+            with tf.control_dependencies(updates):
+                return tf.nest.map_structure(tf.identity, x)
+        return tf.nest.map_structure(
+            lambda t: grid.fake_quant_activation(t, lo, hi, self.bits, self.narrow_range), x)
+
+    def call(self, inputs):
+        if self.mode not in self.MODES:
+            raise ValueError(f"`mode` must be one of {self.MODES}, got {self.mode!r}.")
+        x = inputs
+        if self.quantize_input:
+            x = self._apply(x, self.input_min, self.input_max)
+        y = self.layer(x)
+        if self.quantize_output:
+            y = self._apply(y, self.output_min, self.output_max)
+        return y
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {**super().get_config(), "bits": self.bits,
+                "quantize_input": self.quantize_input,
+                "quantize_output": self.quantize_output, "narrow_range": self.narrow_range}
+
+
+# ----------------------------------------------------------------------------- the PTQ model
+class _PTQModel:
+    """A clone of a float model whose kernels and activation wrappers are set per bit width.
+
+    Cloned once; :meth:`set_weight_bits` re-assigns quantized kernels from the stored float
+    kernels and :meth:`calibrate` re-computes the activation ranges."""
+
+    def __init__(self, model: keras.Model, activations: bool):
+        base = keras.models.clone_model(model)
+        base.set_weights(model.get_weights())
+        self.layers = quantizable_layers(base)
+        self.float_kernels = [getattr(l, _kernel_attr(l)).numpy() for l in self.layers]
+        self.wrappers: List[ActivationFakeQuant] = []
+        self.model = self._wrap(base) if activations else base
+        self._predict = None
+
+    def _wrap(self, base: keras.Model) -> keras.Model:
+        quantizable = {id(l) for l in self.layers}
+        if isinstance(base, keras.Sequential):
+            takes_input = {id(base.layers[0])}
+        else:
+            inputs = {id(l) for l in base._input_layers}
+            takes_input = {
+                id(layer) for layer in base.layers
+                if not isinstance(layer, keras.layers.InputLayer)
+                and any(id(inbound) in inputs
+                        for node in layer._inbound_nodes
+                        for inbound in tf.nest.flatten(node.inbound_layers))}
+
+        def wrap(layer):  # the same (weight-carrying) layer object, wrapped
+            q_out, q_in = id(layer) in quantizable, id(layer) in takes_input
+            if not (q_out or q_in):
+                return layer
+            wrapper = ActivationFakeQuant(layer, quantize_input=q_in, quantize_output=q_out)
+            self.wrappers.append(wrapper)
+            return wrapper
+
+        return keras.models.clone_model(base, clone_function=wrap)
+
+    def set_weight_bits(self, bits: Optional[int], per_channel: bool, narrow_range: bool):
+        for layer, w in zip(self.layers, self.float_kernels):
+            if bits is None:
+                q = w
+            else:
+                axes = grid.channel_axes_for(layer) if per_channel else None
+                step = grid.default_step(w, bits, axes, narrow_range)
+                q = grid.fake_quant(w, step, bits, narrow_range).numpy()
+            getattr(layer, _kernel_attr(layer)).assign(q)
+
+    def set_activation_mode(self, mode: str, bits: Optional[int] = None):
+        for wrapper in self.wrappers:
+            wrapper.mode = mode
+            if bits is not None:
+                wrapper.bits = int(bits)
+        self._predict = None  # Python attributes changed: trace again
+
+    def calibrate(self, data, bits: int):
+        self.set_activation_mode("calibrate")
+        for wrapper in self.wrappers:
+            wrapper.reset_ranges()
+        for x in _batches(data, self.model, "calibration_data", with_labels=False):
+            self.predict(x)
+        self.set_activation_mode("quantize", bits)
+
+    def predict(self, x):
+        if self._predict is None:
+            self._predict = tf.function(lambda t: self.model(t, training=False),
+                                        reduce_retracing=True)
+        return self._predict(tf.convert_to_tensor(x))
+
+
+def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int] = None,
+             per_channel: bool = True, calibration_data=None,
+             narrow_range: bool = False) -> keras.Model:
+    """A new model with ``weight_bits``-bit kernels and optionally ``activation_bits``-bit
+    activations, fake-quantized on the tfqreg grid (the input model is not modified).
+
+    Args:
+        model: a trained Sequential or Functional Keras 2 model.
+        weight_bits: 2..16.
+        activation_bits: 2..16 to quantize the model input and the outputs of the quantized
+            layers, or ``None`` (float activations).
+        per_channel: one step per output channel (default) or one per kernel.
+        calibration_data: inputs for the activation ranges (required with ``activation_bits``):
+            a NumPy array ``x``, a tuple ``(x, y)`` or a ``tf.data.Dataset``; a few batches
+            (hundreds to a few thousand examples) are enough.
+        narrow_range: symmetric weight range ``±(2^(b−1) − 1)`` (no change with the default
+            step, which never reaches ``−2^(b−1)``).
+
+    Returns:
+        A new Keras model. With activation quantization its quantized layers are wrapped in
+        :class:`ActivationFakeQuant` (registered; the model saves and loads).
+
+    Raises:
+        TypeError: not a Keras 2 model, a subclassed model, or a non-bool flag.
+        ValueError: a bit width outside 2..16, no quantizable layer, missing or misshaped
+            calibration data.
+    """
+    _check_args(model, weight_bits, activation_bits, per_channel, narrow_range)
+    if activation_bits is not None and calibration_data is None:
+        raise ValueError("`calibration_data` is required when `activation_bits` is given "
+                         "(the activation ranges are calibrated on it).")
+    if calibration_data is not None:
+        _input_shape(model)
+        next(iter(_batches(calibration_data, model, "calibration_data", with_labels=False)))
+    ptq = _PTQModel(model, activations=activation_bits is not None)
+    ptq.set_weight_bits(weight_bits, per_channel, narrow_range)
+    if activation_bits is not None:
+        ptq.calibrate(calibration_data, activation_bits)
+    return ptq.model
+
+
+# ----------------------------------------------------------------------------- sweep report
+@dataclasses.dataclass
+class SweepRow:
+    """One evaluated configuration; ``None`` bits mean float32."""
+
+    weight_bits: Optional[int]
+    activation_bits: Optional[int]
+    accuracy: float
+    loss: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        if self.weight_bits is None and self.activation_bits is None:
+            return "fp32"
+        return f"W{self.weight_bits or 32}A{self.activation_bits or 32}"
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """Accuracy vs. bit width of one model: plain data that prints as a table.
+
+    Accuracies are fractions in [0, 1]; ``rows[0]`` is the float model.
+    """
+
+    rows: List[SweepRow]
+    model_name: str = ""
+    per_channel: bool = True
+    num_examples: int = 0
+
+    @property
+    def float_accuracy(self) -> float:
+        return next(r.accuracy for r in self.rows
+                    if r.weight_bits is None and r.activation_bits is None)
+
+    def accuracy(self, weight_bits: Optional[int], activation_bits: Optional[int] = None) -> float:
+        """The accuracy of one configuration (``KeyError`` if it was not evaluated)."""
+        for r in self.rows:
+            if r.weight_bits == weight_bits and r.activation_bits == activation_bits:
+                return r.accuracy
+        raise KeyError((weight_bits, activation_bits))
+
+    def to_dict(self) -> dict:
+        return {"model_name": self.model_name, "per_channel": self.per_channel,
+                "num_examples": self.num_examples,
+                "rows": [dataclasses.asdict(r) for r in self.rows]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SweepResult":
+        return cls(rows=[SweepRow(**r) for r in d["rows"]], model_name=d.get("model_name", ""),
+                   per_channel=d.get("per_channel", True),
+                   num_examples=d.get("num_examples", 0))
+
+    def to_json(self, path: str) -> str:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+        return path
+
+    def to_csv(self, path: str) -> str:
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["weight_bits", "activation_bits", "accuracy", "loss"])
+            for r in self.rows:
+                writer.writerow(["" if r.weight_bits is None else r.weight_bits,
+                                 "" if r.activation_bits is None else r.activation_bits,
+                                 f"{r.accuracy:.6f}", "" if r.loss is None else f"{r.loss:.6f}"])
+        return path
+
+    def plot(self, path: str, title: Optional[str] = None) -> str:
+        """Accuracy (%) vs. weight bits, one line per activation width; dashed: float32."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        groups: Dict[Optional[int], List[SweepRow]] = {}
+        for r in self.rows:
+            if r.weight_bits is not None:
+                groups.setdefault(r.activation_bits, []).append(r)
+        for a_bits, rows in groups.items():
+            rows = sorted(rows, key=lambda r: r.weight_bits)
+            ax.plot([r.weight_bits for r in rows], [100 * r.accuracy for r in rows], "o-",
+                    label="float activations" if a_bits is None else f"{a_bits}-bit activations")
+        ax.axhline(100 * self.float_accuracy, ls="--", c="gray", label="float32")
+        ax.set_xlabel("weight bits")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title or f"PTQ {self.model_name} "
+                              f"({'per-channel' if self.per_channel else 'per-tensor'})")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    def __str__(self) -> str:
+        has_loss = any(r.loss is not None for r in self.rows)
+        head = (f"PTQ sweep: {self.model_name or 'model'}, "
+                f"{'per-channel' if self.per_channel else 'per-tensor'} weights, "
+                f"{self.num_examples} examples")
+        cols = f"{'weights':>8} {'activations':>12} {'accuracy':>9} {'Δ vs fp32':>10}"
+        lines = [head, cols + (f" {'loss':>8}" if has_loss else "")]
+        base = self.float_accuracy
+        for r in self.rows:
+            w = "fp32" if r.weight_bits is None else str(r.weight_bits)
+            a = "fp32" if r.activation_bits is None else str(r.activation_bits)
+            line = (f"{w:>8} {a:>12} {100 * r.accuracy:>8.2f}% "
+                    f"{100 * (r.accuracy - base):>+10.2f}")
+            if has_loss:
+                line += f" {r.loss:>8.4f}" if r.loss is not None else f" {'':>8}"
+            lines.append(line)
+        return "\n".join(lines)
+
+
+def _evaluate(ptq: _PTQModel, data, probabilities: Optional[bool]):
+    """(accuracy, mean sparse cross-entropy or None, number of examples, probabilities)."""
+    correct, total, loss_sum = 0, 0, 0.0
+    for x, y in _batches(data, ptq.model, "data", with_labels=True):
+        out = ptq.predict(x).numpy()
+        y = np.asarray(y)
+        if y.ndim == out.ndim and y.ndim > 1:  # one-hot labels
+            y = y.argmax(-1)
+        y = y.reshape(-1).astype(np.int64)
+        out = out.reshape(len(y), -1)
+        if probabilities is None:
+            probabilities = bool(out.min() >= 0 and np.allclose(out.sum(-1), 1.0, atol=1e-3))
+        correct += int((out.argmax(-1) == y).sum())
+        total += len(y)
+        if probabilities:
+            p = out[np.arange(len(y)), y]
+            loss_sum += float(-np.log(np.clip(p, 1e-7, 1.0)).sum())
+        else:
+            logz = out.max(-1) + np.log(np.exp(out - out.max(-1, keepdims=True)).sum(-1))
+            loss_sum += float((logz - out[np.arange(len(y)), y]).sum())
+    if total == 0:
+        raise ValueError("`data` is empty.")
+    return correct / total, loss_sum / total, total, probabilities
+
+
+def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3, 2),
+          activation_bits: Optional[int] = None, per_channel: bool = True,
+          calibration_data=None, extra: Iterable[Tuple[int, Optional[int]]] = (),
+          narrow_range: bool = False, progress: bool = True) -> SweepResult:
+    """Accuracy of ``model`` in float32 and post-training quantized at each width.
+
+    Args:
+        model: a trained Sequential or Functional Keras 2 classifier.
+        data: labelled evaluation data: ``(x, y)`` NumPy arrays (integer or one-hot labels) or a
+            ``tf.data.Dataset`` of ``(x, y)`` batches.
+        weight_bits: the weight widths to evaluate (each 2..16).
+        activation_bits: one activation width used with every weight width, or ``None``.
+        per_channel: per-channel (default) or per-tensor weight steps.
+        calibration_data: inputs for the activation ranges (needed when any configuration
+            quantizes activations); see :func:`quantize`.
+        extra: additional ``(weight_bits, activation_bits)`` pairs, e.g. ``[(4, 4)]``.
+        narrow_range: symmetric narrow weight range.
+        progress: show a tqdm progress bar.
+
+    Returns:
+        A :class:`SweepResult`; ``rows[0]`` is float32, then ``weight_bits`` in the given order,
+        then ``extra``. The loss column is the mean sparse categorical cross-entropy (on
+        probabilities if the outputs are probabilities, else on logits).
+    """
+    _check_args(model, None, activation_bits, per_channel, narrow_range)
+    configs = [(None, None)] + [(b, activation_bits) for b in weight_bits] + [
+        (w, a) for w, a in extra]
+    for w, a in configs[1:]:
+        _check_args(weight_bits=w, activation_bits=a)
+    needs_activations = any(a is not None for _, a in configs)
+    if needs_activations and calibration_data is None:
+        raise ValueError("`calibration_data` is required when activations are quantized.")
+
+    from tqdm.auto import tqdm
+
+    ptq = _PTQModel(model, activations=needs_activations)
+    rows, probabilities, n = [], None, 0
+    for w, a in tqdm(configs, desc=f"PTQ sweep {model.name}", disable=not progress,
+                     leave=False):
+        ptq.set_weight_bits(w, per_channel, narrow_range)
+        if a is None:
+            ptq.set_activation_mode("off")
+        else:
+            ptq.calibrate(calibration_data, a)
+        acc, loss, n, probabilities = _evaluate(ptq, data, probabilities)
+        rows.append(SweepRow(w, a, acc, None if not math.isfinite(loss) else loss))
+    return SweepResult(rows=rows, model_name=model.name, per_channel=per_channel,
+                       num_examples=n)
+
+
+# ----------------------------------------------------------------------------- CLI
+def add_arguments(parser) -> None:
+    """Arguments of ``tfqreg sweep``."""
+    from tfqreg import datasets
+
+    parser.add_argument("model", help="saved Keras model (.keras, .h5 or SavedModel folder)")
+    parser.add_argument("--data", default="fashion_mnist", choices=datasets.DATASETS)
+    parser.add_argument("--data-dir", default=None,
+                        help=f"folder with the IDX files (default ${datasets.ENV_VAR})")
+    parser.add_argument("--tfds-dir", default=None, help="tensorflow-datasets data_dir")
+    parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 5, 4, 3, 2],
+                        help="weight bit widths (2..16)")
+    parser.add_argument("--per-tensor", action="store_true", help="one step per kernel")
+    parser.add_argument("--activation-bits", type=int, default=None,
+                        help="also quantize activations to this width")
+    parser.add_argument("--calibration-samples", type=int, default=1024,
+                        help="training images used to calibrate activation ranges")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate on the first N test images only")
+    parser.add_argument("--json", default=None, help="write the result as JSON")
+    parser.add_argument("--csv", default=None, help="write the result as CSV")
+    parser.add_argument("--plot", default=None, help="write an accuracy-vs-bits plot (PNG)")
+
+
+def _load_model(path: str) -> keras.Model:
+    import tfqreg  # noqa: F401  (registers every tfqreg object)
+    from tfqreg import quantization, quantizers  # noqa: F401
+
+    with quantization.quantize_scope():
+        return keras.models.load_model(path, compile=False)
+
+
+def run_cli(args) -> int:
+    """Run ``tfqreg sweep``; prints the table, returns 0."""
+    from tfqreg import datasets
+
+    model = _load_model(args.model)
+    (x, _), (xt, yt) = datasets.load_numpy(args.data, args.data_dir, args.tfds_dir)
+    if args.limit:
+        xt, yt = xt[: args.limit], yt[: args.limit]
+    result = sweep(model, (xt, yt), weight_bits=tuple(args.bits),
+                   activation_bits=args.activation_bits, per_channel=not args.per_tensor,
+                   calibration_data=x[: args.calibration_samples])
+    print(result)
+    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv),
+                        (args.plot, result.plot)):
+        if path:
+            write(path)
+            print(f"wrote {path}")
+    return 0
