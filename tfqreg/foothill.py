@@ -40,7 +40,10 @@ def first_derivative(x, alpha: float = 1.0, beta: float = 1.0) -> tf.Tensor:
     u = beta * x / 2.0
     e = tf.exp(-2.0 * tf.abs(u))
     sech2 = 4.0 * e / tf.square(1.0 + e)
-    return alpha * (tf.tanh(u) + u * sech2)
+    # Where e underflows (|u| > ~44 in float32), u·sech²(u) is 0; guard it explicitly so that an
+    # overflowing βx (u = ±inf) gives 0 instead of inf·0 = NaN.
+    u_safe = tf.where(e > 0, u, tf.zeros_like(u))
+    return alpha * (tf.tanh(u) + u_safe * sech2)
 
 
 def second_derivative(x, alpha: float = 1.0, beta: float = 1.0) -> tf.Tensor:
