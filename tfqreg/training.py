@@ -607,7 +607,7 @@ class _Learnable(_Term):
         dtype = self._targets[0][1].dtype
         alpha_max = self.alpha_max
         self.alpha = self.add_weight(
-            name="alpha", shape=(), dtype=dtype,
+            name=f"{self.name}_alpha", shape=(), dtype=dtype,
             initializer=keras.initializers.Constant(self.alpha_init), trainable=True,
             constraint=lambda a: tf.minimum(a, tf.cast(alpha_max, a.dtype)))
 
@@ -799,7 +799,7 @@ def get(identifier) -> _Term:
             if identifier in (cls.__name__, f"tfqreg>{cls.__name__}"):
                 return cls()
     if isinstance(identifier, dict):
-        return keras.saving.deserialize_keras_object(identifier)
+        return keras.layers.deserialize(identifier)
     raise ValueError(f"`terms`: cannot interpret {identifier!r} as a tfqreg training term; use "
                      f"a GradientL1/LearnableMSQE/LearnablePartialL2 instance or one of "
                      f"{sorted(_ALIASES)}.")
@@ -807,7 +807,7 @@ def get(identifier) -> _Term:
 
 def serialize(term: _Term) -> dict:
     """Keras serialization of a term (round-trips through :func:`get`)."""
-    return keras.saving.serialize_keras_object(term)
+    return keras.layers.serialize(term)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -899,14 +899,15 @@ class TrainingModel(keras.Model):
 
     def get_config(self):
         return {"name": self.name,
-                "inner": keras.saving.serialize_keras_object(self.inner),
+                "inner": keras.layers.serialize(self.inner),
                 "terms": [serialize(t) for t in self.terms]}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
-        inner = keras.saving.deserialize_keras_object(config["inner"],
-                                                      custom_objects=custom_objects)
-        terms = [keras.saving.deserialize_keras_object(t, custom_objects=custom_objects)
+        # keras.layers.deserialize knows every built-in layer and model class in both the
+        # .keras and the legacy (SavedModel / h5) serialization formats
+        inner = keras.layers.deserialize(config["inner"], custom_objects=custom_objects)
+        terms = [keras.layers.deserialize(t, custom_objects=custom_objects)
                  for t in config.get("terms", [])]
         return cls(inner, terms=terms, name=config.get("name"))
 
