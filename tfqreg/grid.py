@@ -129,7 +129,7 @@ def quantize_indices(w, step, bits: int, narrow_range: bool = False) -> tf.Tenso
     """
     bits = check_bits(bits)
     w = tf.convert_to_tensor(w)
-    step = tf.cast(step, w.dtype)
+    step = tf.cast(tf.convert_to_tensor(step, dtype_hint=w.dtype), w.dtype)
     if bits == 1:
         return tf.where(w >= 0, tf.ones_like(w), -tf.ones_like(w))
     q_min, q_max = qrange(bits, narrow_range)
@@ -141,7 +141,7 @@ def fake_quant(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
     is zero and the gradient w.r.t. ``step`` is the index (methods.md §3, "round treated as
     constant"), which is what makes δ learnable in MSQE."""
     w = tf.convert_to_tensor(w)
-    step = tf.cast(step, w.dtype)
+    step = tf.cast(tf.convert_to_tensor(step, dtype_hint=w.dtype), w.dtype)
     return step * tf.stop_gradient(quantize_indices(w, step, bits, narrow_range))
 
 
@@ -149,7 +149,7 @@ def fake_quant_ste(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
     """Straight-through fake quantization: forward ``Q(w)``, gradient w.r.t. ``w`` is 1 inside
     the grid's range ``[δ·q_min, δ·q_max]`` and 0 outside (clipped STE)."""
     w = tf.convert_to_tensor(w)
-    step = tf.stop_gradient(tf.cast(step, w.dtype))
+    step = tf.stop_gradient(tf.cast(tf.convert_to_tensor(step, dtype_hint=w.dtype), w.dtype))
     q = fake_quant(w, step, bits, narrow_range)
     if check_bits(bits) == 1:
         return w + tf.stop_gradient(q - w)

@@ -42,6 +42,7 @@ def foothill_loss(y_true, y_pred, alpha: float = 1.0, beta: float = 1.0) -> tf.T
     stays float64), with the exact bounded derivative f' as gradient (no NaN for huge |βx|)."""
     y_pred = tf.convert_to_tensor(y_pred)
     dtype = tf.float64 if y_pred.dtype == tf.float64 else tf.float32
+    y_true = tf.convert_to_tensor(y_true, dtype_hint=dtype)
     x = tf.cast(y_true, dtype) - tf.cast(y_pred, dtype)
 
     @tf.custom_gradient

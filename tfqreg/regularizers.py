@@ -147,6 +147,12 @@ def _to_compute(x) -> tf.Tensor:
     return tf.cast(x, _compute_dtype(x.dtype))
 
 
+def _as(x, dtype) -> tf.Tensor:
+    """``x`` (a Python number, array or tensor) as a ``dtype`` tensor; Python floats are converted
+    straight to ``dtype`` (``tf.cast(0.4, tf.float64)`` would round through float32 first)."""
+    return tf.cast(tf.convert_to_tensor(x, dtype_hint=dtype), dtype)
+
+
 def _fmax(dtype) -> float:
     return float(np.finfo(tf.as_dtype(dtype).as_numpy_dtype).max)
 
@@ -184,7 +190,7 @@ def _power_sum(x: tf.Tensor, power: float, scale=1.0) -> tf.Tensor:
     dtype = x.dtype
     fmax = _fmax(dtype)
     p = float(power)
-    scale = tf.cast(scale, dtype)
+    scale = _as(scale, dtype)
 
     @tf.custom_gradient
     def _ps(t):
@@ -230,7 +236,7 @@ def foothill_penalty(w, alpha: float = 1.0, beta: float = 2.0, center: float = 0
     100.0
     """
     w = _to_compute(w)
-    x = w if center == 0 else tf.abs(w) - tf.cast(center, w.dtype)
+    x = w if center == 0 else tf.abs(w) - _as(center, w.dtype)
     return _saturate(tf.reduce_sum(_foothill_elementwise(x, alpha, beta)))
 
 
@@ -251,7 +257,7 @@ def margin_penalty(w, margin, power: float = 2.0, margin_weight: float = 1.0) ->
     2.0
     """
     w = _to_compute(w)
-    m = _finite_grad(tf.cast(margin, w.dtype))
+    m = _finite_grad(_as(margin, w.dtype))
     excess = tf.nn.relu(tf.abs(w) - tf.abs(m))
     return _saturate(_power_sum(excess, power) + margin_weight * tf.abs(m))
 
@@ -286,7 +292,7 @@ def soft_max(w, hardness) -> tf.Tensor:
     """Soft maximum ``Σ w_i e^{a w_i} / Σ e^{a w_i}`` over all elements (→ max w as a → ∞);
     ``soft_max(-w, a)`` is ``-smin``."""
     w = _to_compute(w)
-    a = _finite_grad(tf.cast(hardness, w.dtype))
+    a = _finite_grad(_as(hardness, w.dtype))
     return _soft_max_core(tf.reshape(w, [-1]), a)
 
 
@@ -299,7 +305,7 @@ def soft_min_max_penalty(w, hardness, eta: float = 1.0) -> tf.Tensor:
     3.0
     """
     w = tf.reshape(_to_compute(w), [-1])
-    a = _finite_grad(tf.cast(hardness, w.dtype))
+    a = _finite_grad(_as(hardness, w.dtype))
     smax = _soft_max_core(w, a)
     smin = -_soft_max_core(-w, a)
     return _saturate(smax - smin + eta * _saturate(tf.exp(-a)))
@@ -331,7 +337,7 @@ def msqe_penalty(
     if step is None:
         delta = tf.stop_gradient(grid.default_step(w, bits, channel_axes, narrow_range))
     else:
-        delta = _finite_grad(tf.cast(step, w.dtype))
+        delta = _finite_grad(_as(step, w.dtype))
     err = w - grid.fake_quant(w, delta, bits, narrow_range)
     n = tf.cast(tf.size(w), w.dtype)
     return _saturate(_power_sum(err, 2.0, 1.0 / n))
@@ -616,7 +622,7 @@ class SoftMinMax(_TensorRegularizer):
         if self.hardness is not None:
             return {"hardness": tf.constant(self.hardness, w.dtype)}
         m = tf.reduce_max(tf.abs(w))
-        tiny = tf.cast(1e-30, w.dtype)
+        tiny = _as(1e-30, w.dtype)
         return {"hardness": _saturate(self._DEFAULT_SHARPNESS / tf.maximum(m, tiny))}
 
     def _constraint(self, suffix):
@@ -697,7 +703,7 @@ class _MinValue(keras.constraints.Constraint):
         self.low = low
 
     def __call__(self, w):
-        return tf.maximum(w, tf.cast(self.low, w.dtype))
+        return tf.maximum(w, _as(self.low, w.dtype))
 
 
 @register
