@@ -27,6 +27,7 @@ Command line: ``tfqreg compress MODEL --prune 0.8 --bits 4 --data fashion_mnist 
 """
 
 from tfqreg.compression import codec, huffman  # noqa: F401
+from tfqreg.compression.cli import add_arguments, run_cli  # noqa: F401
 from tfqreg.compression.fileformat import (  # noqa: F401
     CompressedModel,
     TfqzError,
@@ -38,14 +39,31 @@ from tfqreg.compression.fileformat import (  # noqa: F401
     quantize_weights,
     save_compressed,
 )
+from tfqreg.compression.pipeline import (  # noqa: F401
+    CompressionResult,
+    Compressor,
+    GridMonitor,
+    compress,
+    learned_steps,
+)
+from tfqreg.compression.pruning import PruningMask, apply_masks, prune_masks  # noqa: F401
 from tfqreg.compression.report import ACCOUNTING, CompressionReport, LayerReport  # noqa: F401
 
 __all__ = [
     "ACCOUNTING",
     "CompressedModel",
     "CompressionReport",
+    "CompressionResult",
+    "Compressor",
+    "GridMonitor",
+    "PruningMask",
+    "apply_masks",
+    "compress",
+    "learned_steps",
+    "prune_masks",
     "LayerReport",
     "TfqzError",
+    "add_arguments",
     "coded_kernels",
     "codec",
     "decode_model",
@@ -54,5 +72,6 @@ __all__ = [
     "inspect_compressed",
     "load_compressed",
     "quantize_weights",
+    "run_cli",
     "save_compressed",
 ]

@@ -1,0 +1,117 @@
+"""``tfqreg compress``: prune → quantize → entropy-code a Keras model from the command line.
+
+    tfqreg compress MODEL --prune 0.8 --bits 4 --data fashion_mnist --out DIR [--epochs 2]
+
+``MODEL`` is a saved Keras model (``.keras``, ``.h5`` or a SavedModel folder), or the name of a
+reference model in :mod:`tfqreg.models` (``small_cnn``, ``tiny_cnn``), which is then first
+trained in float for ``--float-epochs``. Progress is shown by Keras' progress bars and one line
+per stage; the report is printed and written to ``DIR/report.json``, the model to
+``DIR/model.tfqz`` (load it with :func:`tfqreg.compression.load_compressed`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+from tfqreg import datasets, models
+from tfqreg._keras import keras
+from tfqreg.compression.codec import MODES
+from tfqreg.compression.pipeline import Compressor
+
+__all__ = ["add_arguments", "run_cli", "load_model"]
+
+_REFERENCE_MODELS = ("small_cnn", "tiny_cnn")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``tfqreg compress``."""
+    parser.add_argument("model", metavar="MODEL",
+                        help="saved Keras model (.keras, .h5, SavedModel folder) or one of "
+                             f"{', '.join(_REFERENCE_MODELS)} (trained in float first)")
+    parser.add_argument("--prune", type=float, default=0.8, metavar="R",
+                        help="fraction of each kernel's weights to prune (default 0.8)")
+    parser.add_argument("--bits", type=int, default=4, help="grid bit width (default 4)")
+    parser.add_argument("--data", default="fashion_mnist", choices=datasets.DATASETS)
+    parser.add_argument("--out", required=True, metavar="DIR",
+                        help="output folder for model.tfqz and report.json")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs of each training stage (sets both of the next two)")
+    parser.add_argument("--prune-epochs", type=int, default=2,
+                        help="epochs with the learnable partial L2 (default 2)")
+    parser.add_argument("--quant-epochs", type=int, default=2,
+                        help="epochs of MSQE fine-tuning with the mask fixed (default 2)")
+    parser.add_argument("--float-epochs", type=int, default=4,
+                        help="float training of a reference MODEL name (default 4)")
+    parser.add_argument("--per-channel", action="store_true", help="one step per channel")
+    parser.add_argument("--narrow-range", action="store_true", help="symmetric narrow grid")
+    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--mode", default="auto", choices=MODES,
+                        help="coding of the zeros: smaller of sparse/dense per kernel (auto)")
+    parser.add_argument("--grid-tol", type=float, default=None,
+                        help="stop MSQE fine-tuning once the RMS distance to the grid "
+                             "(in steps) is below this")
+    parser.add_argument("--layers", nargs="+", default=None,
+                        help="compress only these layers (default: every Dense/Conv kernel)")
+    parser.add_argument("--data-dir", default=None,
+                        help=f"folder with the IDX files (default: ${datasets.ENV_VAR})")
+    parser.add_argument("--tfds-dir", default=None, help="tensorflow-datasets data_dir")
+    parser.add_argument("--train-limit", type=int, default=None, help="use N training images")
+    parser.add_argument("--test-limit", type=int, default=None, help="use N test images")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def load_model(spec: str, data, float_epochs: int, lr: float, batch_size: int, verbose: int):
+    """A saved model, or a reference model trained in float on ``data``."""
+    if spec in _REFERENCE_MODELS and not os.path.exists(spec):
+        (x, y), _ = data
+        model = getattr(models, spec)(input_shape=x.shape[1:])
+        model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy",
+                      metrics=["accuracy"])
+        if float_epochs:
+            if verbose:
+                print(f"[tfqreg compress] training {spec} in float for {float_epochs} epoch(s)")
+            model.fit(x, y, epochs=float_epochs, batch_size=batch_size, verbose=verbose)
+        return model
+    from tfqreg.export import load_model as _load
+
+    return _load(spec)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    """Run ``tfqreg compress``; returns the exit code."""
+    verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
+    prune_epochs = args.epochs if args.epochs is not None else args.prune_epochs
+    quant_epochs = args.epochs if args.epochs is not None else args.quant_epochs
+    compressor = Compressor(fraction=args.prune, bits=args.bits, prune_epochs=prune_epochs,
+                            quant_epochs=quant_epochs, per_channel=args.per_channel,
+                            narrow_range=args.narrow_range, layers=args.layers,
+                            learning_rate=args.lr, batch_size=args.batch_size, mode=args.mode,
+                            grid_tol=args.grid_tol, verbose=verbose)
+    keras.utils.set_random_seed(args.seed)
+    (x, y), (xt, yt) = datasets.load_numpy(args.data, args.data_dir, args.tfds_dir)
+    if args.train_limit:
+        x, y = x[:args.train_limit], y[:args.train_limit]
+    if args.test_limit:
+        xt, yt = xt[:args.test_limit], yt[:args.test_limit]
+    model = load_model(args.model, ((x, y), (xt, yt)), args.float_epochs, args.lr,
+                       args.batch_size, verbose)
+    result = compressor.run(model, (x, y), (xt, yt))
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, "model.tfqz")
+    result.save(path)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        f.write(result.report.to_json())
+    print(result.report)
+    print(f"wrote {path} and {os.path.join(args.out, 'report.json')}")
+    return 0
+
+
+def main(argv: Optional[list] = None) -> int:  # pragma: no cover - `tfqreg compress` wraps it
+    parser = argparse.ArgumentParser(prog="tfqreg compress")
+    add_arguments(parser)
+    return run_cli(parser.parse_args(argv))

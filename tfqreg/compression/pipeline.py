@@ -1,0 +1,412 @@
+"""The training stages of the compression pipeline and :class:`Compressor`, which runs them all.
+
+    float model ─► (1) learnable partial L2 at fraction r ─► (2) prune (fixed mask)
+                ─► (3) learnable MSQE at b bits, mask kept ─► snap to the learned grid
+                ─► (4) Huffman-code the indices ─► (5) .tfqz, decoded and checked bit-identical
+
+Stage (1) uses :class:`tfqreg.training.LearnablePartialL2` (``e^α·P − β·α``: the r smallest
+|w| of each kernel are pulled to zero with a strength that grows as they get there). Stage (2)
+is :func:`tfqreg.compression.pruning.prune_masks` (per kernel, the ``round(r·N)`` smallest |w|).
+Stage (3) uses :class:`tfqreg.training.LearnableMSQE` with a learnable step δ per kernel (or per
+channel) while :class:`~tfqreg.compression.pruning.PruningMask` keeps the pruned weights at
+exactly zero after every optimizer step; at the end the kernels are snapped to ``δ·index``
+(:func:`tfqreg.training.round_to_grid`, then
+:func:`~tfqreg.compression.fileformat.quantize_weights` for the decoder's exact float32
+arithmetic; 0 is on the grid, so the pruned zeros stay zero). Stages (4)-(5) are
+:func:`~tfqreg.compression.fileformat.encode_model`; the decoded model is compared with the
+quantized one weight by weight (bit for bit) before the result is returned.
+
+>>> from tfqreg import compression, models                            # doctest: +SKIP
+>>> result = compression.Compressor(fraction=0.8, bits=4).run(        # doctest: +SKIP
+...     float_model, (x_train, y_train), validation=(x_test, y_test))
+>>> print(result.report)                                              # doctest: +SKIP
+>>> result.save("model.tfqz")                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from numbers import Real
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from tfqreg import grid, training
+from tfqreg._keras import check_keras2, keras, register, tf
+from tfqreg.compression import pruning
+from tfqreg.compression.fileformat import (CompressedModel, TfqzError, coded_kernels,
+                                           decode_model, encode_model, quantize_weights)
+from tfqreg.compression.report import CompressionReport
+
+__all__ = ["GridMonitor", "CompressionResult", "Compressor", "compress", "learned_steps"]
+
+Data = Union["tf.data.Dataset", Tuple[np.ndarray, np.ndarray]]
+
+
+# ----------------------------------------------------------------------------- checks
+def _check_config(fraction, bits, prune_epochs, quant_epochs, learning_rate,
+                  quant_learning_rate, batch_size, grid_tol, mode, alpha_init):
+    pruning.check_fraction(fraction)
+    grid.check_bits(bits, low=2, high=16)
+    for name, v in (("prune_epochs", prune_epochs), ("quant_epochs", quant_epochs),
+                    ("batch_size", batch_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"`{name}` must be a non-negative integer, got {v!r}.")
+    if batch_size == 0:
+        raise ValueError("`batch_size` must be >= 1.")
+    if not (alpha_init == "auto" or (isinstance(alpha_init, Real)
+                                     and not isinstance(alpha_init, bool))):
+        raise ValueError(f"`alpha_init` must be a number or 'auto', got {alpha_init!r}.")
+    for name, v in (("learning_rate", learning_rate), ("quant_learning_rate", quant_learning_rate),
+                    ("grid_tol", grid_tol)):
+        if v is None and name != "learning_rate":
+            continue
+        if isinstance(v, bool) or not isinstance(v, Real) or not v > 0:
+            raise ValueError(f"`{name}` must be a number > 0, got {v!r}.")
+    from tfqreg.compression.codec import _check_mode
+
+    _check_mode(mode)
+
+
+def _check_data(data, name: str):
+    if data is None:
+        return None
+    if isinstance(data, tf.data.Dataset):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2:
+        return tuple(np.asarray(a) for a in data)
+    raise TypeError(f"`{name}` must be a batched tf.data.Dataset of (x, y) or a tuple "
+                    f"(x, y) of arrays, got {type(data).__name__}.")
+
+
+# ----------------------------------------------------------------------------- helpers
+def learned_steps(term: "training.LearnableMSQE", model) -> Dict[str, np.ndarray]:
+    """The learned δ of a :class:`~tfqreg.training.LearnableMSQE` term, keyed like
+    :func:`~tfqreg.compression.fileformat.coded_kernels` (``"layer/attr"``), as float32."""
+    keys = {id(var): key for key, (_, var, _) in coded_kernels(model).items()}
+    out = {}
+    for (_, kernel), step in zip(term.targets, term.steps()):
+        if id(kernel) in keys:
+            out[keys[id(kernel)]] = np.asarray(step.numpy(), dtype=np.float32)
+    return out
+
+
+class GridMonitor(keras.callbacks.Callback):
+    """Tracks how far the kernels are from their learned grid, in units of δ: after every epoch
+    ``grid_rms = sqrt(mean(((w − Q_δ(w)) / δ)²))`` over the kept (unpruned) weights (0 on the
+    grid, about 0.29 for weights spread uniformly between grid points). Stops training when it
+    falls under ``tol`` ("the weights sit on the grid")."""
+
+    def __init__(self, term, masks_by_var: Mapping[int, np.ndarray], tol: Optional[float] = None):
+        super().__init__()
+        self.term, self.masks_by_var, self.tol = term, masks_by_var, tol
+        self.values: List[float] = []
+
+    def grid_rms(self) -> float:
+        sq, n = 0.0, 0
+        for (_, kernel), step in zip(self.term.targets, self.term.steps()):
+            w = kernel.numpy()
+            s = step.numpy()
+            r = (w - grid.fake_quant(w, s, self.term.bits, self.term.narrow_range).numpy()) / s
+            keep = self.masks_by_var.get(id(kernel))
+            r = r[keep] if keep is not None else r.reshape(-1)
+            sq += float(np.sum(np.square(r, dtype=np.float64)))
+            n += r.size
+        return float(np.sqrt(sq / n)) if n else 0.0
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = self.grid_rms()
+        self.values.append(value)
+        if logs is not None:
+            logs["grid_rms"] = value
+        if self.tol is not None and value < self.tol:
+            self.model.stop_training = True
+
+
+@dataclass
+class CompressionResult:
+    """What :meth:`Compressor.run` returns.
+
+    Attributes:
+        model: the quantized model (kernels exactly ``δ·index``, pruned weights ``+0.0``); the
+            ``.tfqz`` decodes to it bit for bit.
+        compressed: the coded model (:meth:`save` writes it).
+        masks: ``{"layer/attr": keep mask}``.
+        steps: ``{"layer/attr": learned δ}`` (float32).
+        history: Keras histories by stage (``"partial_l2"``, ``"msqe"``); ``msqe`` also holds
+            ``grid_rms`` per epoch.
+    """
+
+    model: keras.Model
+    compressed: CompressedModel
+    masks: Dict[str, np.ndarray]
+    steps: Dict[str, np.ndarray]
+    history: Dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def report(self) -> CompressionReport:
+        return self.compressed.report
+
+    def save(self, path) -> int:
+        """Write the ``.tfqz`` file; returns its size in bytes."""
+        return self.compressed.save(path)
+
+
+@register
+class Compressor:
+    """Prune → quantize → entropy-code a Keras model (Choi et al.'s pipeline, methods.md §3).
+
+    Args:
+        fraction: pruning fraction r (per kernel), or ``{layer name: r}``.
+        bits: grid bit width b (2..16).
+        prune_epochs: epochs of training with the learnable partial L2 (stage 1).
+        quant_epochs: maximum epochs of MSQE fine-tuning with the mask fixed (stage 3).
+        per_channel: one learned δ per output channel instead of per kernel.
+        narrow_range: symmetric grid ``[-(2^(b-1)-1), 2^(b-1)-1]``.
+        layers: names of the layers whose kernels are compressed (default: every Dense/Conv).
+        learning_rate: Adam learning rate of stage 1; ``quant_learning_rate`` of stage 3
+            (default: the same).
+        batch_size: batch size when the data are NumPy arrays.
+        beta, alpha_init, alpha_max: the learnable-coefficient terms' ``β``, initial α and
+            its cap. ``alpha_init="auto"`` starts each stage at the coefficient's equilibrium
+            ``e^α·R = β`` for the regularizer value ``R`` of the weights at that moment
+            (``α₀ = log(β/R)``, capped): α only moves by about the learning rate per Adam step,
+            so from ``α = 0`` it would take thousands of steps before the term matters (MSQE
+            values are ~δ²/12, i.e. 1e-5 or less).
+        loss, metrics: compiled into every stage (the metric ``"accuracy"`` is what the report
+            records).
+        mode: ``"auto"`` / ``"sparse"`` / ``"dense"`` coding of the zeros.
+        grid_tol: stop stage 3 early once :class:`GridMonitor`'s ``grid_rms`` is below it.
+        steps_per_epoch: limit the batches per epoch (smoke runs).
+        verbose: Keras progress (0 silent, 1 progress bar, 2 one line per epoch).
+    """
+
+    def __init__(self, fraction: Union[float, Mapping[str, float]] = 0.8, bits: int = 4,
+                 prune_epochs: int = 2, quant_epochs: int = 2, per_channel: bool = False,
+                 narrow_range: bool = False, layers: Optional[Sequence[str]] = None,
+                 learning_rate: float = 1e-3, quant_learning_rate: Optional[float] = None,
+                 batch_size: int = 128, beta: float = 1.0,
+                 alpha_init: Union[float, str] = "auto", alpha_max: float = 30.0,
+                 loss="sparse_categorical_crossentropy",
+                 metrics: Sequence = ("accuracy",), mode: str = "auto",
+                 grid_tol: Optional[float] = None, steps_per_epoch: Optional[int] = None,
+                 verbose: int = 1):
+        _check_config(fraction, bits, prune_epochs, quant_epochs, learning_rate,
+                      quant_learning_rate, batch_size, grid_tol, mode, alpha_init)
+        self.fraction = pruning.check_fraction(fraction)
+        self.bits = int(bits)
+        self.prune_epochs = int(prune_epochs)
+        self.quant_epochs = int(quant_epochs)
+        self.per_channel = bool(per_channel)
+        self.narrow_range = bool(narrow_range)
+        self.layers = list(layers) if layers is not None else None
+        self.learning_rate = float(learning_rate)
+        self.quant_learning_rate = (float(quant_learning_rate) if quant_learning_rate
+                                    else self.learning_rate)
+        self.batch_size = int(batch_size)
+        self.beta, self.alpha_max = float(beta), float(alpha_max)
+        self.alpha_init = alpha_init if alpha_init == "auto" else float(alpha_init)
+        self.loss = loss
+        self.metrics = list(metrics)
+        self.mode = mode
+        self.grid_tol = grid_tol
+        self.steps_per_epoch = steps_per_epoch
+        self.verbose = int(verbose)
+
+    def get_config(self) -> dict:
+        return {k: getattr(self, k) for k in (
+            "fraction", "bits", "prune_epochs", "quant_epochs", "per_channel", "narrow_range",
+            "layers", "learning_rate", "quant_learning_rate", "batch_size", "beta",
+            "alpha_init", "alpha_max", "loss", "metrics", "mode", "grid_tol",
+            "steps_per_epoch", "verbose")}
+
+    @classmethod
+    def from_config(cls, config: dict) -> "Compressor":
+        return cls(**config)
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _log(self, msg: str) -> None:
+        if self.verbose:
+            print(f"[tfqreg compress] {msg}", flush=True)
+
+    def _fit(self, model, data, epochs, callbacks=(), validation=None) -> dict:
+        if epochs == 0:
+            return {}
+        kw = dict(epochs=epochs, verbose=self.verbose, callbacks=list(callbacks),
+                  steps_per_epoch=self.steps_per_epoch)
+        if isinstance(data, tuple):
+            hist = model.fit(data[0], data[1], batch_size=self.batch_size, shuffle=True, **kw)
+        else:
+            hist = model.fit(data, **kw)
+        return {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+
+    def evaluate(self, model, data) -> Optional[float]:
+        """Accuracy (the first compiled metric) of ``model`` on ``data`` (``None`` without
+        data)."""
+        if data is None:
+            return None
+        model.compile(loss=self.loss, metrics=self.metrics)
+        if isinstance(data, tuple):
+            out = model.evaluate(data[0], data[1], batch_size=max(self.batch_size, 256),
+                                 verbose=0, return_dict=True)
+        else:
+            out = model.evaluate(data, verbose=0, return_dict=True)
+        names = [k for k in out if k != "loss"]
+        return float(out[names[0]]) if names else None
+
+    def _partial_l2_terms(self):
+        if isinstance(self.fraction, dict):
+            groups: Dict[float, List[str]] = {}
+            for layer, r in self.fraction.items():
+                if r > 0 and (self.layers is None or layer in self.layers):
+                    groups.setdefault(r, []).append(layer)
+            return [training.LearnablePartialL2(fraction=r, beta=self.beta,
+                                                alpha_init=self._alpha0(),
+                                                alpha_max=self.alpha_max, layers=names,
+                                                name=f"partial_l2_{i}")
+                    for i, (r, names) in enumerate(sorted(groups.items()))]
+        if self.fraction == 0:
+            return []
+        return [training.LearnablePartialL2(fraction=self.fraction, beta=self.beta,
+                                            alpha_init=self._alpha0(), alpha_max=self.alpha_max,
+                                            layers=self.layers)]
+
+    def _alpha0(self) -> float:
+        return 0.0 if self.alpha_init == "auto" else self.alpha_init
+
+    def _start_alpha(self, terms) -> None:
+        """``alpha_init="auto"``: α₀ = log(β / R(current weights)), capped at ``alpha_max``."""
+        if self.alpha_init != "auto":
+            return
+        for term in terms:
+            r = float(term.regularizer_value()[0])
+            a0 = self.alpha_max if r <= 0 else min(self.alpha_max, float(np.log(self.beta / r)))
+            term.alpha.assign(a0)
+            self._log(f"{term.name}: R = {r:.3g}, alpha starts at {a0:.2f}")
+
+    def _compile(self, model, lr):
+        model.compile(keras.optimizers.Adam(lr), loss=self.loss, metrics=self.metrics)
+
+    # -- stages ---------------------------------------------------------------------------------
+    def train_partial_l2(self, model, data) -> dict:
+        """Stage 1: train ``model`` (in place) with the learnable partial L2."""
+        terms = self._partial_l2_terms()
+        if not terms or self.prune_epochs == 0:
+            return {}
+        trainer = training.TrainingModel(model, terms=terms)
+        self._start_alpha(terms)
+        self._compile(trainer, self.learning_rate)
+        return self._fit(trainer, data, self.prune_epochs)
+
+    def prune(self, model) -> Dict[str, np.ndarray]:
+        """Stage 2: fixed magnitude masks, applied (pruned weights set to ``+0.0``)."""
+        masks = pruning.prune_masks(model, self.fraction, self.layers)
+        pruning.apply_masks(model, masks)
+        return masks
+
+    def finetune_msqe(self, model, data, masks) -> Tuple["training.LearnableMSQE", dict]:
+        """Stage 3a: learnable-MSQE fine-tuning with the mask fixed (weights still float)."""
+        term = training.LearnableMSQE(bits=self.bits, per_channel=self.per_channel,
+                                      beta=self.beta, alpha_init=self._alpha0(),
+                                      alpha_max=self.alpha_max, narrow_range=self.narrow_range,
+                                      layers=self.layers)
+        trainer = training.TrainingModel(model, terms=[term])
+        self._start_alpha([term])
+        self._compile(trainer, self.quant_learning_rate)
+        kernels = coded_kernels(model, self.layers)
+        by_var = {id(kernels[k][1]): m for k, m in masks.items() if k in kernels}
+        monitor = GridMonitor(term, by_var, self.grid_tol)
+        history = self._fit(trainer, data, self.quant_epochs,
+                            callbacks=[pruning.PruningMask(masks, model=model), monitor])
+        if monitor.values:
+            history["grid_rms"] = list(monitor.values)
+        history["grid_rms_final"] = monitor.grid_rms()
+        return term, history
+
+    def snap(self, model, term, masks) -> Dict[str, np.ndarray]:
+        """Stage 3b: snap the kernels to the learned grid; returns the float32 steps."""
+        training.round_to_grid(term)
+        steps = learned_steps(term, model)
+        # the decoder's exact arithmetic (float32 δ × float32 index); a no-op up to rounding
+        quantize_weights(model, self.bits, steps, self.per_channel, self.narrow_range,
+                         self.layers)
+        pruning.apply_masks(model, masks)  # already zero (0 is on the grid); a guarantee
+        return steps
+
+    def train_msqe(self, model, data, masks) -> Tuple[Dict[str, np.ndarray], dict]:
+        """Stage 3: :meth:`finetune_msqe` then :meth:`snap`; returns ``(steps, history)``."""
+        term, history = self.finetune_msqe(model, data, masks)
+        return self.snap(model, term, masks), history
+
+    # -- all ------------------------------------------------------------------------------------
+    def run(self, model, train: Data, validation: Optional[Data] = None) -> CompressionResult:
+        """Run stages 1-5 on a copy of ``model`` (the argument is left untouched).
+
+        Args:
+            model: a built Sequential or Functional Keras 2 model (float, ideally trained).
+            train: training data, a batched ``tf.data.Dataset`` of ``(x, y)`` or ``(x, y)``
+                arrays.
+            validation: data for the accuracies in the report (optional).
+
+        Returns:
+            A :class:`CompressionResult`; ``result.report.accuracy`` holds the accuracy after
+            every stage (``input``, ``partial_l2``, ``pruned``, ``msqe`` (before snapping),
+            ``quantized``, ``decoded``).
+
+        Raises:
+            RuntimeError: the decoded model is not bit-identical to the quantized one (a bug).
+        """
+        check_keras2(model, "model", kind=keras.Model)
+        train = _check_data(train, "train")
+        validation = _check_data(validation, "validation")
+        if not model.built:
+            raise ValueError("`model` must be built (give it an input shape).")
+        work = keras.models.clone_model(model)
+        work.set_weights(model.get_weights())
+        acc: Dict[str, float] = {}
+
+        def record(stage, m):
+            a = self.evaluate(m, validation)
+            if a is not None:
+                acc[stage] = a
+                self._log(f"{stage}: accuracy {100 * a:.2f}%")
+
+        record("input", work)
+        self._log(f"stage 1/5: learnable partial L2 (r={self.fraction}), "
+                  f"{self.prune_epochs} epoch(s)")
+        hist = {"partial_l2": self.train_partial_l2(work, train)}
+        record("partial_l2", work)
+        masks = self.prune(work)
+        self._log(f"stage 2/5: pruned {100 * pruning.mask_fraction(masks):.1f}% of the kernel "
+                  f"weights")
+        record("pruned", work)
+        self._log(f"stage 3/5: learnable MSQE at {self.bits} bits, mask fixed, up to "
+                  f"{self.quant_epochs} epoch(s)")
+        term, hist["msqe"] = self.finetune_msqe(work, train, masks)
+        record("msqe", work)
+        steps = self.snap(work, term, masks)
+        record("quantized", work)
+        self._log("stage 4/5: Huffman coding")
+        compressed = encode_model(work, self.bits, steps, self.per_channel, self.narrow_range,
+                                  self.layers, self.mode)
+        if not compressed.report.settings["lossless"]:  # pragma: no cover - a bug if it happens
+            raise RuntimeError("the quantized kernels are not on the coded grid.")
+        self._log("stage 5/5: decoding and checking the round trip")
+        decoded = decode_model(compressed.to_bytes())
+        for a, b in zip(work.weights, decoded.weights):
+            x, y = a.numpy(), b.numpy()
+            if x.dtype != y.dtype or x.shape != y.shape or x.tobytes() != y.tobytes():
+                raise RuntimeError(f"decoded weight {a.name} differs from the quantized model.")
+        record("decoded", decoded)
+        report = compressed.report
+        report.accuracy = acc
+        report.settings.update(self.get_config())
+        report.settings["grid_rms_final"] = hist["msqe"].get("grid_rms_final")
+        compressed.refresh_report()
+        return CompressionResult(work, compressed, masks, steps, hist)
+
+
+def compress(model, train: Data, validation: Optional[Data] = None,
+             **kwargs) -> CompressionResult:
+    """Functional form: ``Compressor(**kwargs).run(model, train, validation)``."""
+    return Compressor(**kwargs).run(model, train, validation)
