@@ -138,6 +138,23 @@ def _plot(agg, hists, path):
     return path, hist_path
 
 
+def _report(args, seeds, epochs, x, xt, per_seed, seconds, done):
+    """Aggregate the seeds done so far and write the JSON (after every seed, so a long run
+    that is cut off still leaves its results)."""
+    names = [n for n in per_seed if len(per_seed[n]) >= done]
+    agg = {n: {g: {c: mean_std([r[g][c] for r in per_seed[n][:done]]) for c in COLUMNS}
+               for g in ("per_channel", "per_tensor")} for n in names}
+    text = "\n\n".join(_table(agg, g) for g in ("per_channel", "per_tensor"))
+    suffix = "_quick" if args.quick else ""
+    path = write_json(f"robustness{suffix}.json", {
+        "benchmark": "robustness", "data": args.data, "quick": args.quick,
+        "seeds_planned": seeds, "seeds_done": done, "epochs": epochs,
+        "batch_size": args.batch_size, "optimizer": "Adam(1e-3)", "train_examples": len(x),
+        "test_examples": len(xt), "columns": COLUMNS, "aggregate": agg, "per_seed": per_seed,
+        "train_seconds": {n: mean_std(s) for n, s in seconds.items() if s}, "table": text})
+    return agg, text, path
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -177,17 +194,10 @@ def main(argv=None):
                   f"W4A8 pt {100 * r['per_tensor']['W4A8']:.2f}  "
                   f"W4A4 pc {100 * r['per_channel']['W4A4']:.2f}", flush=True)
 
-    agg = {n: {g: {c: mean_std([r[g][c] for r in per_seed[n]]) for c in COLUMNS}
-               for g in ("per_channel", "per_tensor")} for n in names}
-    text = "\n\n".join(_table(agg, g) for g in ("per_channel", "per_tensor"))
+            keras.backend.clear_session()
+        agg, text, path = _report(args, seeds, epochs, x, xt, per_seed, seconds, seed + 1)
+        png, hist_png = _plot(agg, hists, path.replace(".json", ".png"))
     print(text)
-    suffix = "_quick" if args.quick else ""
-    path = write_json(f"robustness{suffix}.json", {
-        "benchmark": "robustness", "data": args.data, "quick": args.quick, "seeds": seeds,
-        "epochs": epochs, "batch_size": args.batch_size, "train_examples": len(x),
-        "test_examples": len(xt), "columns": COLUMNS, "aggregate": agg, "per_seed": per_seed,
-        "train_seconds": {n: mean_std(s) for n, s in seconds.items()}, "table": text})
-    png, hist_png = _plot(agg, hists, path.replace(".json", ".png"))
     print(f"wrote {path}, {png}, {hist_png}")
     return agg
 
