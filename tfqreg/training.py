@@ -918,6 +918,17 @@ class TrainingModel(keras.Model):
         ids = {id(m) for m in mine}
         return [m for m in base if id(m) not in ids] + mine
 
+    def compile(self, *args, **kwargs):
+        super().compile(*args, **kwargs)
+        # Under MultiWorkerMirroredStrategy, Keras' default ("auto" -> "sum") sums the metric
+        # results of the workers, which are already global, so every logged value would be
+        # num_workers times too large. "first" reports the (global) value of the first replica.
+        strategy = self.distribute_strategy
+        if (self._distribute_reduction_method is None
+                and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+                and strategy.extended._in_multi_worker_mode()):  # pylint: disable=protected-access
+            self.distribute_reduction_method = "first"
+
     # -- schedule -------------------------------------------------------------------------------
     def update_schedule(self, epoch: Optional[int] = None, step: Optional[int] = None) -> bool:
         """Switch the gradient-ℓ1 term on once its ``start_step``/``start_epoch`` is reached.
