@@ -147,7 +147,8 @@ def fake_quant(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
 
 def fake_quant_ste(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
     """Straight-through fake quantization: forward ``Q(w)``, gradient w.r.t. ``w`` is 1 inside
-    the grid's range ``[δ·q_min, δ·q_max]`` and 0 outside (clipped STE)."""
+    the grid's range ``[δ·q_min, δ·q_max]`` and 0 outside (clipped STE); for ``bits == 1`` it is
+    1 everywhere (plain STE: clipping at ±δ = ±mean|w| would cut off half of the weights)."""
     w = tf.convert_to_tensor(w)
     step = tf.stop_gradient(tf.cast(tf.convert_to_tensor(step, dtype_hint=w.dtype), w.dtype))
     q = fake_quant(w, step, bits, narrow_range)
