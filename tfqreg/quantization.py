@@ -8,12 +8,13 @@ grid that MSQE, PTQ and the compression pipeline use:
   default step ``δ = max|w| / (2^(n-1) − 1)`` recomputed from the current weights at every call
   (TFMOT's "last value" scheme), per output channel (Conv2D / Dense: last axis,
   DepthwiseConv2D: input channel × multiplier) or per tensor, narrow range optional. Gradient:
-  clipped straight-through (:func:`tfqreg.grid.fake_quant_ste`).
+  straight-through (every weight is inside the range the step is derived from).
 - :class:`ActivationQuantizer`: asymmetric n-bit activations on a calibrated ``[min, max]``
   range (always containing 0, TFLite's scheme, :func:`tfqreg.grid.fake_quant_activation`).
   While training, the range follows an exponential moving average of the batch ranges, like
   TFMOT's ``MovingAverageQuantizer``, except that the first training batch sets the range
-  directly (TFMOT starts at ±6 and needs thousands of steps to forget it).
+  directly (TFMOT starts at ±6 and needs thousands of steps to forget it) and the default decay
+  is 0.99 (TFMOT: 0.999).
 - :class:`DenseQuantizeConfig`, :class:`Conv2DQuantizeConfig`,
   :class:`DepthwiseConv2DQuantizeConfig` (base :class:`LayerQuantizeConfig`): kernel → weight
   quantizer, post-activation output → activation quantizer.
@@ -23,10 +24,12 @@ What :func:`quantize_model` does with each layer:
 
 - plain ``Dense``, ``Conv2D``, ``DepthwiseConv2D`` (exact classes; larq's ``Quant*`` subclasses
   are left alone, they quantize themselves): the n-bit configs above;
-- other layers TFMOT's default 8-bit scheme supports (pooling, ``Flatten``, ``Add``,
-  ``BatchNormalization``, ``ReLU``, ``Concatenate``, ...): TFMOT's default 8-bit handling,
-  when ``activation_bits`` is given (so a model quantized with ``activation_bits=4`` has 4-bit
-  outputs of its Dense/Conv layers and 8-bit outputs elsewhere, e.g. after ``Add``);
+- weight-free layers whose output TFMOT's default scheme quantizes (``GlobalAveragePooling2D``,
+  ``AveragePooling2D``, ``Add``, ``Concatenate``, ``ReLU``, ...): :class:`OutputQuantizeConfig`, the
+  output quantized to ``activation_bits`` with the calibrated range above;
+- other layers TFMOT's default 8-bit scheme supports (``MaxPooling2D``, ``Flatten``,
+  ``BatchNormalization``, ...): TFMOT's default 8-bit handling (pass-through for most,
+  8-bit for the rest), when ``activation_bits`` is given;
 - everything else: left unannotated (runs in float).
 
 TFMOT adds its own 8-bit input quantizer (``QuantizeLayer``) in front of the first quantized
@@ -41,7 +44,10 @@ layer. Regularizers on the original layers (``kernel_regularizer=``) keep acting
 ...     pass                                                # keras.models.load_model(path)
 
 Save/load: everything here is registered under ``"tfqreg"``; TFMOT's wrapper layers need
-``tfmot.quantization.keras.quantize_scope()`` (or :func:`quantize_scope`) at load time.
+``tfmot.quantization.keras.quantize_scope()`` (or :func:`quantize_scope`) at load time. Save QAT
+models as ``.h5`` or SavedModel: TFMOT 0.8.1's ``QuantizeLayer`` / ``QuantizeWrapperV2`` do not
+load from the ``.keras`` format (variable count mismatch, TFMOT's own ``quantize_model`` fails
+the same way); PTQ models (:mod:`tfqreg.ptq`) and larq models save in all three formats.
 
 TFLite: an 8-bit model from :func:`quantize_model` converts to a full-integer TFLite model
 (``converter.optimizations = [tf.lite.Optimize.DEFAULT]``). Below 8 bits see
@@ -50,6 +56,7 @@ TFLite: an 8-bit model from :func:`quantize_model` converts to a full-integer TF
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence, Tuple
 
 import tensorflow_model_optimization as tfmot
@@ -64,6 +71,7 @@ __all__ = [
     "DenseQuantizeConfig",
     "Conv2DQuantizeConfig",
     "DepthwiseConv2DQuantizeConfig",
+    "OutputQuantizeConfig",
     "config_for",
     "quantize_model",
     "quantize_scope",
@@ -110,7 +118,7 @@ class WeightQuantizer(_tfmot_q.quantizers.Quantizer):
     """Symmetric n-bit weight quantizer on the tfqreg grid (a TFMOT ``Quantizer``).
 
     Forward ``Q(w) = δ·clip(round(w/δ), q_min, q_max)`` with ``δ`` = :func:`grid.default_step`
-    of the current weights; backward: clipped straight-through. No state.
+    of the current weights; backward: straight-through (identity). No state.
 
     Args:
         bits: weight bit width, 2..16.
@@ -138,7 +146,13 @@ class WeightQuantizer(_tfmot_q.quantizers.Quantizer):
         return grid.default_step(w, self.bits, axes, self.narrow_range)
 
     def __call__(self, inputs, training, weights, **kwargs):
-        return grid.fake_quant_ste(inputs, self.step(inputs), self.bits, self.narrow_range)
+        step = tf.stop_gradient(self.step(inputs))
+        q = grid.fake_quant(inputs, step, self.bits, self.narrow_range)
+        # Straight-through. The step is derived from these weights, so every weight lies inside
+        # the grid's range and the clipped STE is the identity gradient; written out here because
+        # ``grid.fake_quant_ste``'s range test ``w <= δ·q_max`` fails in float32 for the arg-max
+        # weight when δ·q_max rounds just below max|w| (it would get a zero gradient).
+        return inputs + tf.stop_gradient(q - inputs)
 
     def get_config(self):
         return {"bits": self.bits, "per_channel": self.per_channel,
@@ -167,10 +181,11 @@ class ActivationQuantizer(_tfmot_q.quantizers.Quantizer):
     Args:
         bits: activation bit width, 2..16.
         narrow_range: use ``[1, 2^n − 1]`` instead of ``[0, 2^n − 1]``.
-        ema_decay: decay of the moving range (0.999 as in TFMOT).
+        ema_decay: decay of the moving range (0.99; TFMOT uses 0.999, which after a first-batch
+            start follows the growing activations of early training too slowly).
     """
 
-    def __init__(self, bits: int = 8, narrow_range: bool = False, ema_decay: float = 0.999):
+    def __init__(self, bits: int = 8, narrow_range: bool = False, ema_decay: float = 0.99):
         _check_args(weight_bits=None, activation_bits=bits, narrow_range=narrow_range,
                     ema_decay=ema_decay, weight_bits_required=False)
         self.bits = int(bits)
@@ -336,6 +351,61 @@ class DepthwiseConv2DQuantizeConfig(LayerQuantizeConfig):
     channel_axes = (2, 3)
 
 
+@register
+class OutputQuantizeConfig(_tfmot_q.QuantizeConfig):
+    """Quantizes only a layer's output with an :class:`ActivationQuantizer` (no weights).
+
+    :func:`quantize_model` uses it instead of TFMOT's default 8-bit config for the weight-free
+    layers whose output TFMOT quantizes (``GlobalAveragePooling2D``, ``Add``, ``Concatenate``,
+    ...), so their outputs get ``activation_bits`` and a range calibrated from the first batch
+    (TFMOT's starts at ±6 and moves by 0.1% a step: after a short training an 8-bit average
+    pooling output would be quantized with a step of ~0.05).
+
+    Args:
+        activation_bits: output bit width, 2..16.
+    """
+
+    def __init__(self, activation_bits: int = 8):
+        _check_args(activation_bits=activation_bits, weight_bits_required=False)
+        self.activation_bits = int(activation_bits)
+
+    def get_weights_and_quantizers(self, layer):
+        return []
+
+    def get_activations_and_quantizers(self, layer):
+        return []
+
+    def set_quantize_weights(self, layer, quantize_weights):
+        pass
+
+    def set_quantize_activations(self, layer, quantize_activations):
+        pass
+
+    def get_output_quantizers(self, layer):
+        return [ActivationQuantizer(self.activation_bits)]
+
+    def get_config(self):
+        return {"activation_bits": self.activation_bits}
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+
+def _output_only(registry, layer) -> bool:
+    """TFMOT's default config for ``layer`` quantizes only its output."""
+    try:
+        config = registry.get_quantize_config(layer)
+    except (KeyError, ValueError):
+        return False
+    return (getattr(config, "quantize_output", False) and not getattr(config, "weight_attrs", 1)
+            and not getattr(config, "activation_attrs", 1))
+
+
 _CONFIGS = (
     (keras.layers.DepthwiseConv2D, DepthwiseConv2DQuantizeConfig),
     (keras.layers.Conv2D, Conv2DQuantizeConfig),
@@ -359,13 +429,16 @@ def config_for(layer, weight_bits: int = 4, activation_bits: Optional[int] = 8,
 def custom_objects() -> dict:
     """Every class of this module by its plain name, for ``custom_object_scope``."""
     return {c.__name__: c for c in (WeightQuantizer, ActivationQuantizer, DenseQuantizeConfig,
-                                    Conv2DQuantizeConfig, DepthwiseConv2DQuantizeConfig)}
+                                    Conv2DQuantizeConfig, DepthwiseConv2DQuantizeConfig,
+                                    OutputQuantizeConfig)}
 
 
+@contextlib.contextmanager
 def quantize_scope(extra: Optional[dict] = None):
     """TFMOT's ``quantize_scope`` with the tfqreg classes (and ``extra``) added: use it to load
     a model from :func:`quantize_model` with ``keras.models.load_model``."""
-    return _tfmot_q.quantize_scope({**custom_objects(), **(extra or {})})
+    with _tfmot_q.quantize_scope({**custom_objects(), **(extra or {})}):
+        yield
 
 
 def quantize_model(model: keras.Model, weight_bits: int = 4, activation_bits: Optional[int] = 8,
@@ -410,6 +483,8 @@ def quantize_model(model: keras.Model, weight_bits: int = 4, activation_bits: Op
         if config is not None:
             return annotate(fresh, quantize_config=config)
         if activation_bits is not None and registry.supports(layer):
+            if _output_only(registry, layer):
+                return annotate(fresh, quantize_config=OutputQuantizeConfig(activation_bits))
             return annotate(fresh)
         return fresh
 
