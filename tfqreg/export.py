@@ -390,9 +390,14 @@ class ParityReport:
     top1_agreement: Optional[float]
     criterion: str
     passed: bool
+    top1_agreement_ties: Optional[float] = None
+
 
     def to_text(self) -> str:
         agree = "n/a" if self.top1_agreement is None else f"{100 * self.top1_agreement:.2f}%"
+        if self.top1_agreement_ties is not None and \
+                self.top1_agreement_ties != self.top1_agreement:
+            agree += f" ({100 * self.top1_agreement_ties:.2f}% counting ties)"
         return (f"parity vs {self.reference} ({self.backend}, {self.samples} samples): "
                 f"max|diff| {self.max_abs_diff:.3g}, mean|diff| {self.mean_abs_diff:.3g}, "
                 f"top-1 agreement {agree} -> {'PASS' if self.passed else 'FAIL'} "
@@ -646,7 +651,22 @@ _LOC = re.compile(r'callsite\("([^"@]+)@')
 _SELECT = re.compile(r"TF Select ops: ([^\n]+)")
 
 
-def _explain_converter_error(exc: BaseException, what: str) -> str:
+def _locate_tf_op(model, op_type: str) -> List[str]:
+    """Names of the TensorFlow nodes of type ``op_type`` in ``model``'s inference graph (their
+    name paths carry the Keras layer names, e.g. ``model/my_lambda/Erf``)."""
+    try:
+        specs = _input_specs(model)
+        fn = tf.function(lambda *a: model(a[0] if len(a) == 1 else list(a), training=False))
+        graph_def = fn.get_concrete_function(*specs).graph.as_graph_def()
+    except Exception:  # locating is best effort; the conversion error is what matters
+        return []
+    names = [n.name for n in graph_def.node if n.op == op_type]
+    for f in graph_def.library.function:
+        names += [n.name for n in f.node_def if n.op == op_type]
+    return names
+
+
+def _explain_converter_error(exc: BaseException, what: str, model=None) -> str:
     text = str(exc)
     op = None
     for pat in _OP_PATTERNS:
@@ -658,6 +678,8 @@ def _explain_converter_error(exc: BaseException, what: str) -> str:
     if op:
         short = op.split(".", 1)[-1]
         locs = [loc for loc in _LOC.findall(text) if loc.rsplit("/", 1)[-1].startswith(short)]
+        if not locs and model is not None and op.startswith("tf."):
+            locs = _locate_tf_op(model, short)
         where = locs[0] if locs else None
     select = _SELECT.search(text)
     first = next((ln.strip() for ln in text.splitlines() if "error:" in ln), text.splitlines()[0]
@@ -665,7 +687,7 @@ def _explain_converter_error(exc: BaseException, what: str) -> str:
     first = first.split("error:", 1)[-1].strip()
     msg = f"{what} failed"
     if op:
-        msg += f" at op {op}" + (f" (layer/tensor '{where}')" if where else "")
+        msg += f" at op {op}" + (f" (graph node '{where}')" if where else "")
     msg += f": {first}"
     if select:
         msg += (f". TFLite has no builtin kernel for: {select.group(1).strip()}; replace that "
@@ -713,10 +735,13 @@ def _parity(model, runner: Runner, xs: List[np.ndarray], mode: str, atol: float,
     max_diff = float(max(d.max() for d in diffs))
     mean_diff = float(np.mean(np.concatenate([d.ravel() for d in diffs])))
     w0, g0 = want[0], got[0].reshape(want[0].shape)
-    agreement = None
+    agreement = ties = None
     if w0.ndim >= 2 and w0.shape[-1] > 1:
-        agreement = float(np.mean(w0.reshape(len(w0), -1).argmax(-1) ==
-                                  g0.reshape(len(g0), -1).argmax(-1)))
+        wf, gf = w0.reshape(len(w0), -1), g0.reshape(len(g0), -1)
+        agreement = float(np.mean(wf.argmax(-1) == gf.argmax(-1)))
+        # a quantized output can tie Keras' class with another one (e.g. softmax at 1/256
+        # resolution); argmax then takes the first. Counting a tie as agreement:
+        ties = float(np.mean(gf[np.arange(len(gf)), wf.argmax(-1)] == gf.max(-1)))
     if mode == "float":
         criterion = f"max|diff| <= {atol:g}"
         passed = max_diff <= atol
@@ -727,7 +752,7 @@ def _parity(model, runner: Runner, xs: List[np.ndarray], mode: str, atol: float,
         criterion = "no class axis: numbers reported, no threshold"
         passed = True
     return ParityReport(reference, runner.backend, int(len(xs[0])), max_diff, mean_diff, agreement,
-                        criterion, bool(passed))
+                        criterion, bool(passed), ties)
 
 
 def _finish(model, flat: bytes, target: str, mode: str, io_dtype: str, batch_size, check: bool,
@@ -756,7 +781,7 @@ def _finish(model, flat: bytes, target: str, mode: str, io_dtype: str, batch_siz
 
 def _sample_inputs(specs, sample, rep_xs, name="sample"):
     if sample is not None:
-        return _samples(sample, specs, name, _CHECK_SAMPLES)
+        return _samples(sample, specs, name, None)
     if rep_xs is not None:
         return [a[:_CHECK_SAMPLES] for a in rep_xs]
     rng = np.random.default_rng(0)
@@ -836,7 +861,8 @@ def to_tflite(
     try:
         flat = conv.convert()
     except Exception as e:  # the converter raises ConverterError and friends
-        raise ConversionError(_explain_converter_error(e, f"TFLite conversion ({mode})")) from e
+        raise ConversionError(_explain_converter_error(e, f"TFLite conversion ({mode})",
+                                                       model)) from e
     notes = []
     if mode == "int8":
         bad = _float_ops(read_tflite(flat))
@@ -893,7 +919,10 @@ def to_lce(
     """Convert a Larq BNN with Larq Compute Engine and check it in LCE's interpreter.
 
     LCE pattern-matches larq's sign (``larq.math.sign``) in front of a convolution with a
-    binary kernel and emits ``LceQuantize`` + ``LceBconv2d`` (bit-packed weights). The report
+    binary kernel and emits ``LceQuantize`` + ``LceBconv2d`` (bit-packed weights). A sign
+    written as ``tf.where(x >= 0, 1, -1)`` (tfqreg's ``foothill_sign``) is matched too, but only
+    with a static batch size (measured with LCE 0.16: with ``batch_size=None`` it stays
+    ``GREATER_EQUAL`` + ``SELECT`` + float ``CONV_2D``). The report
     lists the ops, how many binary conv layers became ``LceBconv2d``
     (``extra["binary_conv_layers"]`` vs ``op_counts["LceBconv2d"]``) and names the binary
     layers LCE did not binarize (a quantizer whose forward pass LCE does not recognise runs as a
@@ -924,7 +953,7 @@ def to_lce(
         flat = lce.convert_keras_model(static, inference_input_type=getattr(tf, io_dtype),
                                        inference_output_type=getattr(tf, io_dtype))
     except Exception as e:
-        raise ConversionError(_explain_converter_error(e, "LCE conversion")) from e
+        raise ConversionError(_explain_converter_error(e, "LCE conversion", model)) from e
     graph = read_tflite(flat)
     binary = _binary_layers(model)
     bconv_outputs = [graph.tensor(op.outputs[0]).name for op in graph.ops
@@ -936,8 +965,9 @@ def to_lce(
     if missing:
         notes.append(
             f"binary layer(s) {missing} were NOT converted to LceBconv2d (they run as float "
-            "CONV_2D): LCE recognises larq's sign (larq.math.sign, as in 'ste_sign'); a "
-            "quantizer whose forward pass is written differently (e.g. tf.where) is not matched."
+            "CONV_2D): LCE always recognises larq's sign (larq.math.sign, as in 'ste_sign'); a "
+            "sign written as tf.where(x >= 0, 1, -1) is matched only with a static batch size "
+            "(keep batch_size=1) or not at all."
         )
     extra = {"binary_conv_layers": binary, "lce_bconv2d": len(bconv_outputs),
              "not_binarized": missing}
@@ -978,7 +1008,14 @@ def load_model(path: str):
                                 "not a SavedModel.")
     _register_custom_objects()
     try:
-        model = keras.models.load_model(path, compile=False)
+        try:
+            from tfqreg.quantization import quantize_scope
+        except ImportError:  # pragma: no cover
+            import contextlib
+
+            quantize_scope = contextlib.nullcontext
+        with quantize_scope():
+            model = keras.models.load_model(path, compile=False)
     except Exception as e:
         raise ValueError(f"could not load a Keras model from {path!r}: "
                          f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e

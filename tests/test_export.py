@@ -1,0 +1,306 @@
+"""tfqreg.export: TFLite float/dynamic/int8 and LCE conversion, parity, errors.
+
+Oracles: Keras' own predictions, the LiteRT interpreter driven directly (not through
+tfqreg.export.Runner), LiteRT's own tensor/op tables for the flatbuffer reader, and LCE's
+interpreter.
+"""
+
+import numpy as np
+import pytest
+
+import larq as lq
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from tfqreg import export, models
+from tfqreg._keras import keras, tf
+
+
+def _litert_predict(flat, x):
+    """Run a batch-1 model sample by sample, straight through ai_edge_litert."""
+    it = Interpreter(model_content=flat)
+    it.allocate_tensors()
+    d, o = it.get_input_details()[0], it.get_output_details()[0]
+    s, z = d["quantization"]
+    so, zo = o["quantization"]
+    ys = []
+    for i in range(len(x)):
+        xi = x[i:i + 1]
+        if d["dtype"] != np.float32:
+            info = np.iinfo(d["dtype"])
+            xi = np.clip(np.round(xi / s + z), info.min, info.max).astype(d["dtype"])
+        it.set_tensor(d["index"], xi)
+        it.invoke()
+        y = it.get_tensor(o["index"]).astype(np.float32)
+        ys.append((y - zo) * so if o["dtype"] != np.float32 else y)
+    return np.concatenate(ys)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tf.random.set_seed(1)
+    return models.tiny_cnn()
+
+
+def test_float_parity_and_static_batch(tiny):
+    x = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype("float32")
+    res = export.to_tflite(tiny, mode="float", sample=x)
+    r = res.report
+    assert r.inputs[0]["shape_signature"] == [1, 28, 28, 1]  # static batch 1
+    assert r.parity.passed and r.parity.samples == 40
+    direct = _litert_predict(res.flatbuffer, x)
+    keras_y = tiny.predict(x, verbose=0)
+    np.testing.assert_allclose(direct, keras_y, atol=1e-5)
+    assert r.parity.max_abs_diff == pytest.approx(np.abs(direct - keras_y).max(), abs=1e-7)
+    assert r.tflite_bytes == len(res.flatbuffer)
+    assert r.keras_float32_bytes == 4 * tiny.count_params()
+    assert "CONV_2D x2" in r.to_text()
+
+
+def test_dynamic_batch_is_kept_when_asked(tiny):
+    res = export.to_tflite(tiny, mode="float", batch_size=None)
+    assert res.report.inputs[0]["shape_signature"][0] == -1
+    x = np.random.default_rng(1).uniform(size=(7, 28, 28, 1)).astype("float32")
+    np.testing.assert_allclose(res.predict(x), tiny.predict(x, verbose=0), atol=1e-5)
+
+
+def test_read_tflite_matches_litert_tables(tiny, fashion_small):
+    x = fashion_small[0][0][:100]
+    res = export.to_tflite(tiny, mode="int8", representative_data=x, check=False)
+    graph = export.read_tflite(res.flatbuffer)
+    it = Interpreter(model_content=res.flatbuffer,
+                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    it.allocate_tensors()
+    assert graph.op_names == [d["op_name"] for d in it._get_ops_details()]
+    by_index = {d["index"]: d for d in it.get_tensor_details()}
+    for t in graph.tensors:
+        d = by_index[t.index]
+        assert t.name == d["name"]
+        assert t.shape == list(d["shape"])
+        assert np.dtype(t.dtype) == np.dtype(d["dtype"])
+        qp = d["quantization_parameters"]
+        np.testing.assert_allclose(t.scale, qp["scales"], rtol=1e-7)
+        np.testing.assert_array_equal(t.zero_point, qp["zero_points"])
+
+
+@pytest.mark.parametrize("io_dtype", ["int8", "uint8", "float32"])
+def test_int8_io_types_and_runner(tiny, fashion_small, io_dtype):
+    x = fashion_small[0][0][:200]
+    res = export.to_tflite(tiny, mode="int8", representative_data=x, io_dtype=io_dtype,
+                           min_agreement=0.0)
+    assert res.report.inputs[0]["dtype"] == io_dtype
+    assert res.report.outputs[0]["dtype"] == io_dtype
+    graph = export.read_tflite(res.flatbuffer)
+    kinds = {graph.tensor(i).dtype for op in graph.ops if op.name == "CONV_2D"
+             for i in op.outputs}
+    assert kinds == {"int8"}  # activations are integer inside, whatever the io type
+    xt = fashion_small[1][0][:50]
+    np.testing.assert_allclose(res.predict(xt), _litert_predict(res.flatbuffer, xt), atol=1e-6)
+    # a few int8 steps of the softmax output away from Keras at most
+    assert res.report.parity.max_abs_diff < 0.05
+
+
+def test_dynamic_range_mode(tiny, fashion_small):
+    res = export.to_tflite(tiny, mode="dynamic", sample=fashion_small[1][0][:100],
+                           min_agreement=0.9)
+    assert res.report.inputs[0]["dtype"] == "float32"
+    assert res.report.tflite_bytes < export.to_tflite(tiny, check=False).report.tflite_bytes
+
+
+@pytest.mark.slow
+def test_int8_top1_agreement_on_fashion_mnist_test_set(data_dir, tfds_dir):
+    """A small CNN trained 1 epoch on real Fashion-MNIST keeps >= 99% of its top-1 decisions
+    after full-integer conversion, on the 10,000 test images."""
+    from tfqreg import datasets
+
+    (x, y), (xt, yt) = datasets.load_numpy("fashion_mnist", data_dir, tfds_dir)
+    model = keras.Sequential([
+        keras.layers.InputLayer((28, 28, 1)),
+        keras.layers.Conv2D(16, 3, strides=2, activation="relu"),
+        keras.layers.Conv2D(32, 3, strides=2, activation="relu"),
+        keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+    res = export.to_tflite(model, mode="int8", representative_data=x[:500], sample=xt)
+    p = res.report.parity
+    print(p.to_text())
+    assert p.samples == 10_000 and p.passed and p.top1_agreement >= 0.99
+    assert p.top1_agreement_ties >= p.top1_agreement
+    keras_acc = np.mean(model.predict(xt, verbose=0).argmax(1) == yt)
+    tflite_acc = np.mean(res.predict(xt).argmax(1) == yt)
+    assert keras_acc > 0.8
+    assert abs(keras_acc - tflite_acc) < 0.01
+
+
+# ---- bad input ---------------------------------------------------------------------------
+
+
+def test_representative_data_wrong_shape_names_expected_shape(tiny):
+    with pytest.raises(ValueError, match=r"expects \(N, 28, 28, 1\)"):
+        export.to_tflite(tiny, mode="int8", representative_data=np.zeros((10, 28, 28), "f4"))
+
+
+def test_representative_data_wrong_dtype(tiny):
+    with pytest.raises(TypeError, match=r"dtype uint8.*float32.*\(N, 28, 28, 1\)"):
+        export.to_tflite(tiny, mode="int8",
+                         representative_data=np.zeros((10, 28, 28, 1), np.uint8))
+
+
+def test_representative_data_generator_and_dataset_forms(tiny, fashion_small):
+    x = fashion_small[0][0][:64]
+    ds = tf.data.Dataset.from_tensor_slices((x, fashion_small[0][1][:64])).batch(16)
+    a = export.to_tflite(tiny, mode="int8", representative_data=ds, check=False)
+    b = export.to_tflite(tiny, mode="int8", representative_data=lambda: ([x[i:i + 1]]
+                                                                          for i in range(64)),
+                         check=False)
+    c = export.to_tflite(tiny, mode="int8", representative_data=x, check=False)
+    assert a.report.inputs[0]["scale"] == b.report.inputs[0]["scale"] == \
+        c.report.inputs[0]["scale"]
+    bad = tf.data.Dataset.from_tensor_slices(np.zeros((8, 32, 32, 1), "f4")).batch(4)
+    with pytest.raises(ValueError, match="expects"):
+        export.to_tflite(tiny, mode="int8", representative_data=bad)
+
+
+def test_int8_requires_representative_data(tiny):
+    with pytest.raises(ValueError, match="representative_data"):
+        export.to_tflite(tiny, mode="int8")
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(mode="int4"), "mode"),
+    (dict(mode="float", io_dtype="int8"), "io_dtype"),
+    (dict(batch_size=0), "batch_size"),
+    (dict(min_agreement=2.0), "min_agreement"),
+])
+def test_bad_arguments_are_named(tiny, kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        export.to_tflite(tiny, **kwargs)
+
+
+def test_not_a_keras2_model():
+    with pytest.raises(TypeError, match="model"):
+        export.to_tflite("model.keras")
+
+
+def _lambda_model(fn):
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, name="conv")(inp)
+    h = keras.layers.Lambda(fn, name="odd")(h)
+    out = keras.layers.Dense(3)(keras.layers.Flatten()(h))
+    return keras.Model(inp, out)
+
+
+def test_op_without_int8_kernel_is_named():
+    """TFLite keeps CUMSUM in float even with int8-only ops: caught and named."""
+    model = _lambda_model(lambda t: tf.math.cumsum(t, axis=1))
+    x = np.random.default_rng(0).uniform(size=(20, 8, 8, 1)).astype("float32")
+    with pytest.raises(export.ConversionError, match=r"CUMSUM \(op #\d+") as e:
+        export.to_tflite(model, mode="int8", representative_data=x)
+    assert "allow_float_ops" in str(e.value)
+    res = export.to_tflite(model, mode="int8", representative_data=x, allow_float_ops=True,
+                           min_agreement=0.0)
+    assert any("CUMSUM" in n for n in res.report.notes)
+    assert "CUMSUM" in res.report.ops
+
+
+def test_converter_error_names_the_op_and_chains_the_cause():
+    model = _lambda_model(tf.math.erf)
+    with pytest.raises(export.ConversionError) as e:
+        export.to_tflite(model, mode="float")
+    msg = str(e.value)
+    assert "tf.Erf" in msg and "odd" in msg  # the op and the Keras layer it came from
+    assert "callsite(" not in msg  # not the raw MLIR dump
+    assert e.value.__cause__ is not None
+
+
+def test_parity_failure_raises_with_report(tiny):
+    with pytest.raises(export.ParityError) as e:
+        export.to_tflite(tiny, mode="float", atol=1e-12)
+    p = e.value.report.parity
+    assert not p.passed and p.max_abs_diff > 1e-12
+
+
+def test_save_writes_tflite_and_json(tiny, tmp_path):
+    import json
+
+    res = export.to_tflite(tiny, path=str(tmp_path / "m.tflite"))
+    assert (tmp_path / "m.tflite").read_bytes() == res.flatbuffer
+    data = json.loads((tmp_path / "m.json").read_text())
+    assert data["tflite_bytes"] == len(res.flatbuffer) and data["parity"]["passed"]
+
+
+# ---- Larq Compute Engine --------------------------------------------------------------------
+
+
+def _trained_bnn(fashion_small, **kw):
+    (x, y), _ = fashion_small
+    model = models.bnn(**kw)
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
+    model.fit(x[:3000], y[:3000], batch_size=64, epochs=1, verbose=0)
+    return model
+
+
+def test_lce_bnn_converts_to_bconv_and_matches(fashion_small):
+    model = _trained_bnn(fashion_small)
+    xt = fashion_small[1][0][:300]
+    res = export.to_lce(model, sample=xt)
+    r = res.report
+    # qconv2 binarizes inputs and kernel: LCE turns it into LceBconv2d
+    assert r.extra["binary_conv_layers"] == ["qconv2"]
+    assert r.op_counts.get("LceBconv2d") == 1 and r.extra["not_binarized"] == []
+    assert r.parity.passed and r.parity.top1_agreement >= 0.99
+    direct = export.Runner(res.flatbuffer, "lce").predict(xt)
+    np.testing.assert_allclose(direct, model.predict(xt, verbose=0), atol=1e-4)
+
+
+def test_lce_with_foothill_quantizer(fashion_small):
+    import tfqreg.quantizers  # noqa: F401  (registers "foothill_sign")
+
+    model = _trained_bnn(fashion_small, input_quantizer="foothill_sign",
+                         kernel_quantizer="foothill_sign")
+    res = export.to_lce(model, sample=fashion_small[1][0][:300])
+    r = res.report
+    assert r.parity.passed
+    # every binary conv layer is either an LceBconv2d or reported as not binarized
+    assert r.extra["lce_bconv2d"] + len(r.extra["not_binarized"]) == \
+        len(r.extra["binary_conv_layers"]) == 1
+    print("LCE ops with foothill_sign:", r.ops, "not binarized:", r.extra["not_binarized"])
+
+
+def _ste(forward):
+    @tf.custom_gradient
+    def q(x):
+        return forward(x), lambda dy: dy * tf.cast(tf.abs(x) <= 1, dy.dtype)
+    return q
+
+
+class _WhereSign(lq.quantizers.Quantizer):
+    """A binary quantizer whose forward pass LCE does not pattern-match (tf.where)."""
+    precision = 1
+
+    def call(self, x):
+        return _ste(lambda t: tf.where(t >= 0, tf.ones_like(t), -tf.ones_like(t)))(x)
+
+
+class _LarqSign(lq.quantizers.Quantizer):
+    """The same values and gradient, forward through larq.math.sign, which LCE matches."""
+    precision = 1
+
+    def call(self, x):
+        return _ste(lq.math.sign)(x)
+
+
+@pytest.mark.parametrize("quantizer, batch_size, converted", [
+    (_LarqSign, None, True), (_WhereSign, None, False), (_WhereSign, 1, True)])
+def test_lce_reports_binary_layers_it_did_not_binarize(quantizer, batch_size, converted):
+    """LCE 0.16 matches larq.math.sign always, a tf.where sign only with a static batch (where
+    ones_like folds to a constant): to_lce's default batch_size=1 binarizes both."""
+    model = models.bnn(input_quantizer=quantizer(), kernel_quantizer=quantizer())
+    res = export.to_lce(model, check=False, batch_size=batch_size)
+    extra = res.report.extra
+    assert extra["binary_conv_layers"] == ["qconv2"]
+    if converted:
+        assert extra["lce_bconv2d"] == 1 and extra["not_binarized"] == []
+    else:
+        assert extra["lce_bconv2d"] == 0 and extra["not_binarized"] == ["qconv2"]
+        assert "GREATER_EQUAL" in res.report.ops  # the sign ran as float ops
+        assert any("NOT converted to LceBconv2d" in n for n in res.report.notes)
