@@ -38,9 +38,11 @@ Command line: ``tfqreg sweep MODEL --data fashion_mnist --bits 8 6 4 [--per-tens
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
+import logging
 import math
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -498,6 +500,24 @@ def _evaluate(ptq: _PTQModel, data, probabilities: Optional[bool]):
     return correct / total, loss_sum / total, total, probabilities
 
 
+class _NoRetracingWarning(logging.Filter):
+    """The sweep traces one function per configuration on purpose (bit widths are static
+    attributes of the fake-quant ops); TensorFlow's "frequent retracing" warning is noise."""
+
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_retracing():
+    logger, filt = tf.get_logger(), _NoRetracingWarning()
+    logger.addFilter(filt)
+    try:
+        yield
+    finally:
+        logger.removeFilter(filt)
+
+
 def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3, 2),
           activation_bits: Optional[int] = None, per_channel: bool = True,
           calibration_data=None, extra: Iterable[Tuple[int, Optional[int]]] = (),
@@ -535,15 +555,16 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
 
     ptq = _PTQModel(model, activations=needs_activations)
     rows, probabilities, n = [], None, 0
-    for w, a in tqdm(configs, desc=f"PTQ sweep {model.name}", disable=not progress,
-                     leave=False):
-        ptq.set_weight_bits(w, per_channel, narrow_range)
-        if a is None:
-            ptq.set_activation_mode("off")
-        else:
-            ptq.calibrate(calibration_data, a)
-        acc, loss, n, probabilities = _evaluate(ptq, data, probabilities)
-        rows.append(SweepRow(w, a, acc, None if not math.isfinite(loss) else loss))
+    with _quiet_retracing():
+        for w, a in tqdm(configs, desc=f"PTQ sweep {model.name}", disable=not progress,
+                         leave=False):
+            ptq.set_weight_bits(w, per_channel, narrow_range)
+            if a is None:
+                ptq.set_activation_mode("off")
+            else:
+                ptq.calibrate(calibration_data, a)
+            acc, loss, n, probabilities = _evaluate(ptq, data, probabilities)
+            rows.append(SweepRow(w, a, acc, loss if math.isfinite(loss) else None))
     return SweepResult(rows=rows, model_name=model.name, per_channel=per_channel,
                        num_examples=n)
 
