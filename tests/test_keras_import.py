@@ -1,0 +1,70 @@
+"""The one-Keras rule, checked in fresh interpreters (the environment variable and the order of
+imports only matter before TensorFlow resolves ``tf.keras``, so each case needs its own process):
+
+1. ``import tfqreg`` with TF_USE_LEGACY_KERAS unset makes ``tf.keras`` Keras 2 (tf_keras) and
+   leaves the variable set; Keras 3 objects (the ``keras`` 3 package, imported before or after
+   tfqreg) are rejected by ``check_keras2`` with a TypeError that says what to do.
+2. TensorFlow imported and ``tf.keras`` touched (Keras 3) before tfqreg: ImportError that names
+   TF_USE_LEGACY_KERAS.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(code: str):
+    env = {k: v for k, v in os.environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_import_without_env_var_and_keras3_objects_are_rejected():
+    code = """
+import json, os
+import keras as keras3                      # the Keras 3 package, imported first
+early = keras3.layers.Dense(2)
+import tfqreg
+from tfqreg._keras import check_keras2, keras, tf
+import tf_keras
+out = {"env": os.environ.get("TF_USE_LEGACY_KERAS"),
+       "tf_keras_is_keras2": tf.keras.layers.Layer is tf_keras.layers.Layer,
+       "keras_is_tf_keras": keras is tf_keras, "keras3_version": keras3.__version__}
+late = keras3.Sequential([keras3.Input((3,)), keras3.layers.Dense(2)])
+for name, obj in (("early", early), ("late", late)):
+    try:
+        check_keras2(obj, "model")
+        out[name] = "accepted"
+    except TypeError as e:
+        out[name] = str(e)
+try:
+    check_keras2(object(), "layer")
+except TypeError as e:
+    out["other"] = str(e)
+ok = keras.layers.Dense(2)
+out["keras2_accepted"] = check_keras2(ok) is ok
+print("RESULT" + json.dumps(out))
+"""
+    proc = run(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["env"] == "1"
+    assert out["tf_keras_is_keras2"] and out["keras_is_tf_keras"]
+    assert out["keras3_version"].startswith("3.")
+    for name in ("early", "late"):
+        assert "Keras 3" in out[name] and "`model`" in out[name] and "tf_keras" in out[name]
+    assert "`layer`" in out["other"] and "Keras 3" not in out["other"]
+    assert out["keras2_accepted"]
+
+
+def test_keras3_already_resolved_gives_clear_import_error():
+    proc = run("import tensorflow as tf\ntf.keras.layers.Dense\nimport tfqreg\n")
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError:")
+    assert "TF_USE_LEGACY_KERAS=1" in last and "Keras 3" in last and "import tfqreg" in last
