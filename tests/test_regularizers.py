@@ -632,3 +632,21 @@ def test_mirrored_strategy_matches_one_device(distribute_scope):
             assert np.any(a != b0), name
     np.testing.assert_allclose([float(v) for v in mirrored.losses],
                                [float(v) for v in reference.losses], rtol=1e-5)
+
+
+def test_mixed_precision_and_bias_state():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        inp = keras.Input((4,))
+        x = keras.layers.Dense(3, kernel_regularizer="margin", bias_regularizer="soft_min_max",
+                               bias_initializer="ones", name="mp")(inp)
+        model = keras.Model(inp, x)
+        names = [(v.name, v.dtype) for v in model.weights]
+        assert names == [("mp/kernel:0", tf.float32), ("mp/kernel_margin:0", tf.float32),
+                         ("mp/bias:0", tf.float32), ("mp/bias_hardness:0", tf.float32)]
+        assert all(v.dtype == tf.float32 and np.isfinite(float(v)) for v in model.losses)
+        model.compile(keras.optimizers.SGD(0.1), "mse")
+        history = model.fit(*_data(d=4), batch_size=8, epochs=1, verbose=0)
+        assert np.isfinite(history.history["loss"][0])
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
