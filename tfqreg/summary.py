@@ -14,7 +14,8 @@ of each weight and the memory they take, then the model's size three ways:
 Bit widths are detected, in this order, from: the variable's ``precision`` (larq's quantized
 variables: 1 for ``ste_sign`` / ``foothill_sign`` kernels, ``k`` for ``DoReFa(k_bit=k)``); a
 TFMOT ``QuantizeWrapper``'s weight quantizers (``num_bits`` or tfqreg's ``bits``; TFMOT's
-default is 8); else 32.
+default is 8); else 32. TFMOT's range trackers (``*_min``, ``*_max``, ``optimizer_step``) are
+weights of the Keras model and are listed at 32 bits.
 
 >>> import tfqreg
 >>> from tfqreg import models
@@ -137,15 +138,12 @@ def _quantizer_bits(q) -> Optional[int]:
 
 def _wrapper_bits(layer) -> Dict[int, int]:
     """``id(weight) -> bits`` for a TFMOT QuantizeWrapper's quantized weights."""
-    config = getattr(layer, "quantize_config", None)
-    inner = getattr(layer, "layer", None)
-    if config is None or inner is None:
+    if getattr(layer, "quantize_config", None) is None or getattr(layer, "layer", None) is None:
         return {}
-    try:
-        pairs = config.get_weights_and_quantizers(inner)
-    except Exception:
-        return {}
-    return {id(w): (_quantizer_bits(q) or 8) for w, q in pairs}
+    # TFMOT keeps (variable, quantizer, quantizer_vars) per quantized weight after build; the
+    # config's get_weights_and_quantizers() returns the fake-quantized tensors instead.
+    triples = getattr(layer, "_weight_vars", None) or []
+    return {id(t[0]): (_quantizer_bits(t[1]) or 8) for t in triples}
 
 
 def _folded_bn_weights(layer, weights):
@@ -172,11 +170,10 @@ def _output_shape(layer) -> str:
 
 def _layer_summary(layer) -> LayerSummary:
     wrapped = _wrapper_bits(layer)
+    weights = list(layer.weights)  # a wrapper's own weights include the wrapped layer's
     if wrapped:
-        weights = list(layer.layer.weights)
         type_name = f"QuantizeWrapper({type(layer.layer).__name__})"
     else:
-        weights = list(layer.weights)
         type_name = type(layer).__name__
     trainable_ids = {id(w) for w in layer.trainable_weights}
     weights = _folded_bn_weights(layer, weights)
@@ -187,8 +184,7 @@ def _layer_summary(layer) -> LayerSummary:
         shape = [int(d) for d in w.shape]
         ws.append(WeightSummary(w.name, shape, int(np.prod(shape)), int(bits),
                                 id(w) in trainable_ids))
-    params = int(sum(int(np.prod(w.shape)) for w in (layer.layer.weights if wrapped
-                                                      else layer.weights)))
+    params = int(sum(int(np.prod(w.shape)) for w in layer.weights))
     return LayerSummary(layer.name, type_name, _output_shape(layer), params, ws)
 
 
