@@ -309,5 +309,7 @@ def test_8bit_ptq_agrees_with_tflite_int8(trained, data_dir, tfds_dir):
     lite = _tflite_int8_accuracy(trained, rep, xt, yt)
     result = ptq.sweep(trained, (xt, yt), weight_bits=(8,), activation_bits=8,
                        calibration_data=rep, progress=False)
+    print(f"\nPTQ-W8A8 {result.accuracy(8, 8):.4f} TFLite-int8 {lite:.4f} "
+          f"fp32 {result.float_accuracy:.4f}")
     assert abs(result.accuracy(8, 8) - lite) < 0.005, (result.accuracy(8, 8), lite)
     assert abs(result.float_accuracy - lite) < 0.01

@@ -82,11 +82,14 @@ __all__ = [
 _tfmot_q = tfmot.quantization.keras
 
 TFLITE_LOW_BIT_NOTE = (
-    "TFLite's integer kernels are int8 (int16 activations in the 16x8 mode); the converter turns "
-    "FakeQuant ops with num_bits < 8 into int8 tensors whose values lie on the coarser n-bit grid "
-    "(no storage saving, same speed). int4 weights exist only as an experimental storage format "
-    "for a few ops (e.g. FULLY_CONNECTED / CONV_2D via packed int4 constants), not through the "
-    "Keras QAT path; sub-8-bit savings on disk come from entropy coding (tfqreg.compression)."
+    "TFLite's integer kernels compute on int8 tensors (int16 activations in the 16x8 mode). An "
+    "n-bit model from quantize_model converts to int8: its kernels, already on the n-bit grid "
+    "and constant-folded, are re-quantized per channel with scale max|w|/127, so each channel "
+    "holds at most 2^n distinct int8 values but takes 8 bits per weight and runs at int8 speed. "
+    "The flatbuffer schema has INT4/INT2 tensor types and the converter an experimental "
+    "`_experimental_low_bit_qat` flag (it reads num_bits from FakeQuant ops), but the Keras QAT "
+    "path here does not produce int4 tensors; sub-8-bit storage savings come from entropy "
+    "coding the indices (tfqreg.compression)."
 )
 """What TFLite can represent below 8 bits (see the module docstring)."""
 
