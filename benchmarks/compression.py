@@ -55,6 +55,12 @@ def parse(argv=None):
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--beta", type=float, default=1.0, help="β of the learnable terms")
+    p.add_argument("--shared-terms", action="store_true",
+                   help="one learnable term for all layers instead of one per layer")
+    p.add_argument("--float-cache", default=None,
+                   help="load the float baseline from this .h5 file if it exists, else train "
+                        "it and save it there (for repeated runs)")
     p.add_argument("--skip-tfmot", action="store_true")
     return p.parse_args(argv)
 
@@ -135,7 +141,8 @@ def run_ours(float_model, data, args, verbose):
     (x, y), (xt, yt) = data
     comp = Compressor(fraction=args.fraction, bits=args.bits, prune_epochs=args.prune_epochs,
                       quant_epochs=args.quant_epochs, per_channel=args.per_channel,
-                      learning_rate=args.lr, batch_size=args.batch_size, verbose=verbose)
+                      learning_rate=args.lr, batch_size=args.batch_size, beta=args.beta,
+                      per_layer_terms=not args.shared_terms, verbose=verbose)
     result = comp.run(float_model, (x, y), (xt, yt))
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "model.tfqz")
@@ -160,6 +167,7 @@ def run_ours(float_model, data, args, verbose):
         "epochs": args.prune_epochs + args.quant_epochs,
         "report": rep.to_dict(),
         "report_text": str(rep),
+        "grid_rms_by_kernel": rep.settings.get("grid_rms_by_kernel"),
     }
 
 
@@ -187,8 +195,17 @@ def main(argv=None) -> int:
     verbose = common.verbose()
     t0 = time.time()
     data = common.load("fashion_mnist", quick=args.quick)
-    float_model, float_acc = train_float(data, args.float_epochs, args.lr, args.batch_size,
-                                         verbose)
+    if args.float_cache and os.path.exists(args.float_cache):
+        float_model = models.small_cnn()
+        float_model.load_weights(args.float_cache)
+        float_model.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        float_acc = float(float_model.evaluate(data[1][0], data[1][1], verbose=0,
+                                               batch_size=512)[1])
+    else:
+        float_model, float_acc = train_float(data, args.float_epochs, args.lr, args.batch_size,
+                                             verbose)
+        if args.float_cache:
+            float_model.save_weights(args.float_cache)
     float_bytes = 4 * float_model.count_params()
     print(f"float32: {100 * float_acc:.2f}% ({float_bytes:,} bytes of parameters)", flush=True)
     timings = {"float": time.time() - t0}

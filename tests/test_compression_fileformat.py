@@ -14,12 +14,13 @@ from tfqreg.compression import (ACCOUNTING, TfqzError, encode_model, fileformat,
 
 
 def bn_depthwise_model():
-    """Functional model with BatchNorm (float-kept) and a depthwise kernel (per-channel axes
-    (2, 3))."""
+    """Functional model with BatchNorm (float-kept), a depthwise kernel (per-channel axes
+    (2, 3)) and a separable conv (depthwise + pointwise kernels)."""
     inp = keras.Input((12, 12, 3))
     x = keras.layers.Conv2D(8, 3, name="c")(inp)
     x = keras.layers.BatchNormalization(name="bn")(x)
     x = keras.layers.DepthwiseConv2D(3, depth_multiplier=2, name="dw")(x)
+    x = keras.layers.SeparableConv2D(6, 3, name="s")(x)  # two kernels in one layer
     x = keras.layers.GlobalAveragePooling2D()(x)
     out = keras.layers.Dense(5, name="d")(x)
     return keras.Model(inp, out)
@@ -95,7 +96,7 @@ def test_report_accounting_is_consistent(tmp_path):
     assert report.float32_bytes == 4 * model.count_params()
     assert report.params == model.count_params()
     by_name = {l.name: l for l in report.layers}
-    assert set(by_name) == {"c", "bn", "dw", "d"}
+    assert set(by_name) == {"c", "bn", "dw", "s", "d"}
     # BatchNorm (4 vectors of 8) and all biases stay float32
     assert by_name["bn"].float_bytes == 4 * 4 * 8 and by_name["bn"].bits is None
     assert by_name["c"].float_bytes == 4 * 8 and by_name["d"].float_bytes == 4 * 5
@@ -103,12 +104,15 @@ def test_report_accounting_is_consistent(tmp_path):
     assert by_name["c"].step_bytes == 4 * 8
     assert by_name["dw"].step_bytes == 4 * 8 * 2
     assert by_name["d"].step_bytes == 4 * 5
+    assert by_name["s"].step_bytes == 4 * (16 + 6)  # depthwise (16 = 16 x 1) + pointwise (6)
+    assert by_name["s"].kernel_params == 3 * 3 * 16 + 16 * 6
     for l in report.layers:
         total = l.coded_bytes + l.table_bytes + l.index_bytes + l.float_bytes + l.step_bytes
         assert l.total_bytes == total
         assert l.ratio == pytest.approx(l.float32_bytes / total)
         if l.bits is not None:
-            zeros = np.mean(model.get_layer(l.name).weights[0].numpy() == 0)
+            kernels = [w.numpy() for w in model.get_layer(l.name).weights if w.shape.rank > 1]
+            zeros = sum((k == 0).sum() for k in kernels) / sum(k.size for k in kernels)
             assert l.pruned_fraction == pytest.approx(zeros)
             assert l.coded_bytes + l.index_bytes >= l.stream_entropy_bytes - 2
     totals = report.to_dict()["total"]

@@ -149,7 +149,11 @@ def _leaf_layers(model) -> List[keras.layers.Layer]:
 
 def coded_kernels(model, layers: Optional[Sequence[str]] = None) -> Dict[str, tuple]:
     """The kernels that get quantized and coded: ``{"layer/attr": (layer, variable,
-    channel_axes)}`` for every Dense / Conv / DepthwiseConv kernel (or only the named layers).
+    channel_axes)}`` for every ``kernel`` / ``depthwise_kernel`` / ``pointwise_kernel`` of the
+    model's layers (Dense, Conv, DepthwiseConv, SeparableConv, ...), or of the named layers.
+
+    ``channel_axes`` (used for per-channel steps) is :func:`tfqreg.grid.channel_axes_for`, else
+    the last two axes for a depthwise kernel and the last axis otherwise.
 
     Raises:
         ValueError: a name in ``layers`` is not a layer with a kernel.
@@ -158,13 +162,16 @@ def coded_kernels(model, layers: Optional[Sequence[str]] = None) -> Dict[str, tu
     _check_args(layers=layers)
     found = {}
     for layer in _leaf_layers(model):
-        axes = grid.channel_axes_for(layer)
-        if axes is None or (layers is not None and layer.name not in layers):
+        if layers is not None and layer.name not in layers:
             continue
         for attr in _KERNEL_ATTRS:
             var = getattr(layer, attr, None)
             if isinstance(var, tf.Variable):
-                ax = (2, 3) if attr == "depthwise_kernel" else (-1,)
+                if attr == "depthwise_kernel":
+                    ax = (-2, -1)
+                else:
+                    ax = (-1,) if attr == "pointwise_kernel" else None
+                    ax = ax or grid.channel_axes_for(layer) or (-1,)
                 found[f"{layer.name}/{attr}"] = (layer, var, ax)
     if layers is not None:
         named = {k.split("/")[0] for k in found}
@@ -333,11 +340,12 @@ def encode_model(
                          step_shape=list(step.shape), step=put(step.astype("<f4").tobytes()),
                          mode=enc.mode, size=enc.size, nnz=enc.nnz,
                          sections=[put(s) for s in enc.sections()])
-            rep.kernel_shape = tuple(value.shape)
-            rep.kernel_params = int(value.size)
+            zeros = rep.pruned_fraction * rep.kernel_params + (enc.size - enc.nnz)
+            rep.kernel_shape = tuple(value.shape) if rep.kernel_shape is None else rep.kernel_shape
+            rep.kernel_params += int(value.size)
             rep.bits = bits
-            rep.mode = enc.mode
-            rep.pruned_fraction = 1.0 - enc.nnz / enc.size if enc.size else 0.0
+            rep.mode = enc.mode if rep.mode in ("float", enc.mode) else "mixed"
+            rep.pruned_fraction = zeros / rep.kernel_params if rep.kernel_params else 0.0
             rep.coded_bytes += enc.coded_bytes
             rep.table_bytes += enc.table_bytes
             rep.index_bytes += enc.index_bytes

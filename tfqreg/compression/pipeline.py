@@ -80,14 +80,19 @@ def _check_data(data, name: str):
 
 
 # ----------------------------------------------------------------------------- helpers
-def learned_steps(term: "training.LearnableMSQE", model) -> Dict[str, np.ndarray]:
-    """The learned δ of a :class:`~tfqreg.training.LearnableMSQE` term, keyed like
+def _as_list(terms) -> list:
+    return list(terms) if isinstance(terms, (list, tuple)) else [terms]
+
+
+def learned_steps(terms, model) -> Dict[str, np.ndarray]:
+    """The learned δ of one or more :class:`~tfqreg.training.LearnableMSQE` terms, keyed like
     :func:`~tfqreg.compression.fileformat.coded_kernels` (``"layer/attr"``), as float32."""
     keys = {id(var): key for key, (_, var, _) in coded_kernels(model).items()}
     out = {}
-    for (_, kernel), step in zip(term.targets, term.steps()):
-        if id(kernel) in keys:
-            out[keys[id(kernel)]] = np.asarray(step.numpy(), dtype=np.float32)
+    for term in _as_list(terms):
+        for (_, kernel), step in zip(term.targets, term.steps()):
+            if id(kernel) in keys:
+                out[keys[id(kernel)]] = np.asarray(step.numpy(), dtype=np.float32)
     return out
 
 
@@ -97,22 +102,32 @@ class GridMonitor(keras.callbacks.Callback):
     grid, about 0.29 for weights spread uniformly between grid points). Stops training when it
     falls under ``tol`` ("the weights sit on the grid")."""
 
-    def __init__(self, term, masks_by_var: Mapping[int, np.ndarray], tol: Optional[float] = None):
+    def __init__(self, terms, masks_by_var: Mapping[int, np.ndarray], tol: Optional[float] = None):
         super().__init__()
-        self.term, self.masks_by_var, self.tol = term, masks_by_var, tol
+        self.terms, self.masks_by_var, self.tol = _as_list(terms), masks_by_var, tol
         self.values: List[float] = []
 
+    def _sq(self) -> Dict[str, Tuple[float, int]]:
+        out = {}
+        for term in self.terms:
+            for (layer, kernel), step in zip(term.targets, term.steps()):
+                w = kernel.numpy()
+                s = step.numpy()
+                r = (w - grid.fake_quant(w, s, term.bits, term.narrow_range).numpy()) / s
+                keep = self.masks_by_var.get(id(kernel))
+                r = r[keep] if keep is not None else r.reshape(-1)
+                out[kernel.name] = (float(np.sum(np.square(r, dtype=np.float64))), r.size)
+        return out
+
     def grid_rms(self) -> float:
-        sq, n = 0.0, 0
-        for (_, kernel), step in zip(self.term.targets, self.term.steps()):
-            w = kernel.numpy()
-            s = step.numpy()
-            r = (w - grid.fake_quant(w, s, self.term.bits, self.term.narrow_range).numpy()) / s
-            keep = self.masks_by_var.get(id(kernel))
-            r = r[keep] if keep is not None else r.reshape(-1)
-            sq += float(np.sum(np.square(r, dtype=np.float64)))
-            n += r.size
-        return float(np.sqrt(sq / n)) if n else 0.0
+        """RMS distance to the grid in steps over all kept weights of all kernels."""
+        parts = self._sq().values()
+        n = sum(c for _, c in parts)
+        return float(np.sqrt(sum(v for v, _ in parts) / n)) if n else 0.0
+
+    def grid_rms_by_kernel(self) -> Dict[str, float]:
+        """The same per kernel (by variable name)."""
+        return {k: float(np.sqrt(v / c)) if c else 0.0 for k, (v, c) in self._sq().items()}
 
     def on_epoch_end(self, epoch, logs=None):
         value = self.grid_rms()
@@ -178,6 +193,10 @@ class Compressor:
         mode: ``"auto"`` / ``"sparse"`` / ``"dense"`` coding of the zeros.
         grid_tol: stop stage 3 early once :class:`GridMonitor`'s ``grid_rms`` is below it.
         steps_per_epoch: limit the batches per epoch (smoke runs).
+        per_layer_terms: one learnable term (own α, R normalised by the layer's size) per
+            layer instead of one for the whole model. With one shared term the mean over all
+            weights is dominated by the big layers and the small ones (first conv, last dense),
+            which matter most for accuracy, feel almost no pull to zero / to the grid.
         verbose: Keras progress (0 silent, 1 progress bar, 2 one line per epoch).
     """
 
@@ -190,7 +209,7 @@ class Compressor:
                  loss="sparse_categorical_crossentropy",
                  metrics: Sequence = ("accuracy",), mode: str = "auto",
                  grid_tol: Optional[float] = None, steps_per_epoch: Optional[int] = None,
-                 verbose: int = 1):
+                 per_layer_terms: bool = True, verbose: int = 1):
         _check_config(fraction, bits, prune_epochs, quant_epochs, learning_rate,
                       quant_learning_rate, batch_size, grid_tol, mode, alpha_init)
         self.fraction = pruning.check_fraction(fraction)
@@ -211,6 +230,7 @@ class Compressor:
         self.mode = mode
         self.grid_tol = grid_tol
         self.steps_per_epoch = steps_per_epoch
+        self.per_layer_terms = bool(per_layer_terms)
         self.verbose = int(verbose)
 
     def get_config(self) -> dict:
@@ -218,7 +238,7 @@ class Compressor:
             "fraction", "bits", "prune_epochs", "quant_epochs", "per_channel", "narrow_range",
             "layers", "learning_rate", "quant_learning_rate", "batch_size", "beta",
             "alpha_init", "alpha_max", "loss", "metrics", "mode", "grid_tol",
-            "steps_per_epoch", "verbose")}
+            "steps_per_epoch", "per_layer_terms", "verbose")}
 
     @classmethod
     def from_config(cls, config: dict) -> "Compressor":
@@ -254,22 +274,34 @@ class Compressor:
         names = [k for k in out if k != "loss"]
         return float(out[names[0]]) if names else None
 
-    def _partial_l2_terms(self):
+    def _layer_groups(self, model, fraction_of=None) -> List[Tuple[Optional[List[str]], float]]:
+        """``[(layer names or None for all, fraction)]``: the layers each term covers."""
+        names = []
+        for key in coded_kernels(model, self.layers):
+            if key.split("/")[0] not in names:
+                names.append(key.split("/")[0])
+        frac = (lambda n: pruning.fraction_for(self.fraction, n))
+        if self.per_layer_terms:
+            return [([n], frac(n)) for n in names]
         if isinstance(self.fraction, dict):
             groups: Dict[float, List[str]] = {}
-            for layer, r in self.fraction.items():
-                if r > 0 and (self.layers is None or layer in self.layers):
-                    groups.setdefault(r, []).append(layer)
-            return [training.LearnablePartialL2(fraction=r, beta=self.beta,
-                                                alpha_init=self._alpha0(),
-                                                alpha_max=self.alpha_max, layers=names,
-                                                name=f"partial_l2_{i}")
-                    for i, (r, names) in enumerate(sorted(groups.items()))]
-        if self.fraction == 0:
-            return []
-        return [training.LearnablePartialL2(fraction=self.fraction, beta=self.beta,
-                                            alpha_init=self._alpha0(), alpha_max=self.alpha_max,
-                                            layers=self.layers)]
+            for n in names:
+                groups.setdefault(frac(n), []).append(n)
+            return [(ns, r) for r, ns in sorted(groups.items())]
+        return [(self.layers, self.fraction)]
+
+    def _partial_l2_terms(self, model):
+        return [training.LearnablePartialL2(fraction=r, beta=self.beta, alpha_init=self._alpha0(),
+                                            alpha_max=self.alpha_max, layers=names,
+                                            name=f"partial_l2_{i}" if i else None)
+                for i, (names, r) in enumerate(self._layer_groups(model)) if r > 0]
+
+    def _msqe_terms(self, model):
+        return [training.LearnableMSQE(bits=self.bits, per_channel=self.per_channel,
+                                       beta=self.beta, alpha_init=self._alpha0(),
+                                       alpha_max=self.alpha_max, narrow_range=self.narrow_range,
+                                       layers=names, name=f"msqe_{i}" if i else None)
+                for i, (names, _) in enumerate(self._layer_groups(model))]
 
     def _alpha0(self) -> float:
         return 0.0 if self.alpha_init == "auto" else self.alpha_init
@@ -290,7 +322,7 @@ class Compressor:
     # -- stages ---------------------------------------------------------------------------------
     def train_partial_l2(self, model, data) -> dict:
         """Stage 1: train ``model`` (in place) with the learnable partial L2."""
-        terms = self._partial_l2_terms()
+        terms = self._partial_l2_terms(model)
         if not terms or self.prune_epochs == 0:
             return {}
         trainer = training.TrainingModel(model, terms=terms)
@@ -304,29 +336,32 @@ class Compressor:
         pruning.apply_masks(model, masks)
         return masks
 
-    def finetune_msqe(self, model, data, masks) -> Tuple["training.LearnableMSQE", dict]:
-        """Stage 3a: learnable-MSQE fine-tuning with the mask fixed (weights still float)."""
-        term = training.LearnableMSQE(bits=self.bits, per_channel=self.per_channel,
-                                      beta=self.beta, alpha_init=self._alpha0(),
-                                      alpha_max=self.alpha_max, narrow_range=self.narrow_range,
-                                      layers=self.layers)
-        trainer = training.TrainingModel(model, terms=[term])
-        self._start_alpha([term])
+    def finetune_msqe(self, model, data, masks) -> Tuple[list, dict]:
+        """Stage 3a: learnable-MSQE fine-tuning with the mask fixed (weights still float).
+
+        Returns:
+            ``(terms, history)``; ``history["grid_rms"]`` per epoch, ``grid_rms_final`` and
+            ``grid_rms_by_kernel`` at the end.
+        """
+        terms = self._msqe_terms(model)
+        trainer = training.TrainingModel(model, terms=terms)
+        self._start_alpha(terms)
         self._compile(trainer, self.quant_learning_rate)
         kernels = coded_kernels(model, self.layers)
         by_var = {id(kernels[k][1]): m for k, m in masks.items() if k in kernels}
-        monitor = GridMonitor(term, by_var, self.grid_tol)
+        monitor = GridMonitor(terms, by_var, self.grid_tol)
         history = self._fit(trainer, data, self.quant_epochs,
                             callbacks=[pruning.PruningMask(masks, model=model), monitor])
         if monitor.values:
             history["grid_rms"] = list(monitor.values)
         history["grid_rms_final"] = monitor.grid_rms()
-        return term, history
+        history["grid_rms_by_kernel"] = monitor.grid_rms_by_kernel()
+        return terms, history
 
-    def snap(self, model, term, masks) -> Dict[str, np.ndarray]:
+    def snap(self, model, terms, masks) -> Dict[str, np.ndarray]:
         """Stage 3b: snap the kernels to the learned grid; returns the float32 steps."""
-        training.round_to_grid(term)
-        steps = learned_steps(term, model)
+        training.round_to_grid(_as_list(terms))
+        steps = learned_steps(terms, model)
         # the decoder's exact arithmetic (float32 δ × float32 index); a no-op up to rounding
         quantize_weights(model, self.bits, steps, self.per_channel, self.narrow_range,
                          self.layers)
@@ -335,8 +370,8 @@ class Compressor:
 
     def train_msqe(self, model, data, masks) -> Tuple[Dict[str, np.ndarray], dict]:
         """Stage 3: :meth:`finetune_msqe` then :meth:`snap`; returns ``(steps, history)``."""
-        term, history = self.finetune_msqe(model, data, masks)
-        return self.snap(model, term, masks), history
+        terms, history = self.finetune_msqe(model, data, masks)
+        return self.snap(model, terms, masks), history
 
     # -- all ------------------------------------------------------------------------------------
     def run(self, model, train: Data, validation: Optional[Data] = None) -> CompressionResult:
@@ -382,9 +417,9 @@ class Compressor:
         record("pruned", work)
         self._log(f"stage 3/5: learnable MSQE at {self.bits} bits, mask fixed, up to "
                   f"{self.quant_epochs} epoch(s)")
-        term, hist["msqe"] = self.finetune_msqe(work, train, masks)
+        terms, hist["msqe"] = self.finetune_msqe(work, train, masks)
         record("msqe", work)
-        steps = self.snap(work, term, masks)
+        steps = self.snap(work, terms, masks)
         record("quantized", work)
         self._log("stage 4/5: Huffman coding")
         compressed = encode_model(work, self.bits, steps, self.per_channel, self.narrow_range,
@@ -402,6 +437,7 @@ class Compressor:
         report.accuracy = acc
         report.settings.update(self.get_config())
         report.settings["grid_rms_final"] = hist["msqe"].get("grid_rms_final")
+        report.settings["grid_rms_by_kernel"] = hist["msqe"].get("grid_rms_by_kernel")
         compressed.refresh_report()
         return CompressionResult(work, compressed, masks, steps, hist)
 

@@ -44,7 +44,7 @@ def check_fraction(fraction, name: str = "fraction") -> Union[float, Dict[str, f
     return float(fraction)
 
 
-def _fraction_for(fraction, layer_name: str) -> float:
+def fraction_for(fraction, layer_name: str) -> float:
     if isinstance(fraction, dict):
         return fraction.get(layer_name, 0.0)
     return fraction
@@ -74,7 +74,7 @@ def prune_masks(model, fraction: Fraction = 0.8,
     masks = {}
     for key, (layer, var, _) in coded_kernels(model, layers).items():
         w = np.abs(var.numpy()).reshape(-1)
-        n_prune = int(round(_fraction_for(fraction, layer.name) * w.size))
+        n_prune = int(round(fraction_for(fraction, layer.name) * w.size))
         keep = np.ones(w.size, dtype=bool)
         keep[np.argsort(w, kind="stable")[:n_prune]] = False
         masks[key] = keep.reshape(var.shape)
