@@ -112,9 +112,21 @@ def test_straight_through_gradient_is_clipped(bits, narrow):
         y = grid.fake_quant_ste(xv, step, bits, narrow)
     g = tape.gradient(y, xv).numpy()
     np.testing.assert_allclose(y.numpy(), step * np_indices(x, step, bits, narrow), rtol=1e-15)
-    inside = (x >= step * q_min) & (x <= step * q_max)
+    inside = (x / step >= q_min - 0.5) & (x / step <= q_max + 0.5)
     np.testing.assert_array_equal(g, inside.astype(float))
     assert 0 < inside.sum() < x.size
+
+
+def test_straight_through_keeps_the_largest_weight_with_the_default_step():
+    # δ·q_max can round just below max|w| in float32; the largest weight must still learn.
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        w = tf.Variable(rng.normal(size=200).astype(np.float32))
+        step = grid.default_step(w, 4)
+        with tf.GradientTape() as tape:
+            y = grid.fake_quant_ste(w, step, 4)
+        g = tape.gradient(y, w).numpy()
+        np.testing.assert_array_equal(g, np.ones(200, np.float32))
 
 
 def test_straight_through_one_bit_is_identity_gradient():

@@ -147,7 +147,7 @@ def fake_quant(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
 
 def fake_quant_ste(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
     """Straight-through fake quantization: forward ``Q(w)``, gradient w.r.t. ``w`` is 1 inside
-    the grid's range ``[δ·q_min, δ·q_max]`` and 0 outside (clipped STE); for ``bits == 1`` it is
+    the grid's range ``[δ·(q_min − ½), δ·(q_max + ½)]`` and 0 outside (clipped STE); for ``bits == 1`` it is
     1 everywhere (plain STE: clipping at ±δ = ±mean|w| would cut off half of the weights)."""
     w = tf.convert_to_tensor(w)
     step = tf.stop_gradient(tf.cast(tf.convert_to_tensor(step, dtype_hint=w.dtype), w.dtype))
@@ -155,7 +155,11 @@ def fake_quant_ste(w, step, bits: int, narrow_range: bool = False) -> tf.Tensor:
     if check_bits(bits) == 1:
         return w + tf.stop_gradient(q - w)
     q_min, q_max = qrange(bits, narrow_range)
-    inside = tf.cast((w >= step * q_min) & (w <= step * q_max), w.dtype)
+    # Gradient 1 where rounding, not clipping, decides the value: w/δ within half a step of the
+    # range. (Comparing w with δ·q_max directly loses the largest weight when δ·q_max rounds
+    # just below max|w| in float32.)
+    scaled = w / step
+    inside = tf.cast((scaled >= q_min - 0.5) & (scaled <= q_max + 0.5), w.dtype)
     return inside * w + tf.stop_gradient(q - inside * w)
 
 
