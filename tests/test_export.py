@@ -304,3 +304,40 @@ def test_lce_reports_binary_layers_it_did_not_binarize(quantizer, batch_size, co
         assert extra["lce_bconv2d"] == 0 and extra["not_binarized"] == ["qconv2"]
         assert "GREATER_EQUAL" in res.report.ops  # the sign ran as float ops
         assert any("NOT converted to LceBconv2d" in n for n in res.report.notes)
+
+
+# ---- committed reference models (tflite_models/) ------------------------------------------
+
+
+@pytest.mark.slow
+def test_reference_models_match_their_manifest(data_dir, tfds_dir):
+    """The committed files are the ones the manifest describes, and its numbers hold: the
+    arena is re-measured in TFLite Micro and the accuracy on the real test set re-measured in
+    each model's interpreter."""
+    import hashlib
+    import json
+    import os
+    import re
+
+    from tfqreg import datasets, micro
+
+    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tflite_models")
+    manifest = json.load(open(os.path.join(root, "manifest.json")))
+    _, (xt, yt) = datasets.load_numpy("fashion_mnist", data_dir, tfds_dir)
+    assert set(manifest["models"]) == {"fmnist_cnn_int8", "fmnist_bnn_lce"}
+    for name, entry in manifest["models"].items():
+        data = open(os.path.join(root, entry["file"]), "rb").read()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["size_bytes"]
+        backend = "lce" if name.endswith("lce") else "litert"
+        acc = float(np.mean(export.Runner(data, backend).predict(xt).argmax(1) == yt))
+        assert acc == pytest.approx(entry["accuracy"], abs=1e-9)
+        assert acc > 0.75
+        assert export.read_tflite(data).op_names == entry["ops"]
+        if entry["arena_bytes_measured"] is not None:
+            assert micro.measure_arena(data) == entry["arena_bytes_measured"]
+            cc = open(os.path.join(root, entry["c_source"][0])).read()
+            body = cc[cc.index("{") + 1:cc.index("};")]
+            assert bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", body)) == data
+            h = open(os.path.join(root, entry["c_source"][1])).read()
+            assert f"kTensorArenaSize = {entry['tensor_arena_size']};" in h

@@ -4,8 +4,12 @@
 
 1. converts the Keras model to a full-integer int8 ``.tflite`` with a static batch of 1
    (:func:`tfqreg.export.to_tflite`, parity vs Keras in LiteRT);
-2. runs it in TFLite Micro's Python interpreter (``tflite_micro``) and compares its raw int8
-   outputs with LiteRT's: both use the same reference int8 kernels, so they agree exactly;
+2. runs it in TFLite Micro's Python interpreter (``tflite_micro``), checks top-1 agreement
+   with Keras (``min_agreement``) and compares its raw int8 outputs with LiteRT's (builtin
+   kernels, and with the XNNPACK delegate). They are usually identical; measured exceptions:
+   TFLite Micro's int8 FULLY_CONNECTED rounds differently from LiteRT's by 1 unit on ~1 % of
+   inputs for some models (a following SOFTMAX can widen that to a few units), and XNNPACK
+   differs by 1 unit more often. The numbers are in ``micro_vs_litert``;
 3. measures the tensor arena the model really needs with TFLite Micro's
    ``RecordingMicroAllocator`` (the Python interpreter records allocations;
    :func:`measure_arena` reads ``Arena allocation total``), instead of the 10x-model-size guess;
@@ -41,8 +45,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from tfqreg._keras import check_keras2, keras
-from tfqreg.export import (ConversionError, ExportReport, Runner, _as_flatbuffer, _input_specs,
-                           _sample_inputs, _samples, read_tflite, to_tflite)
+from tfqreg.export import (ConversionError, ExportReport, ParityError, Runner, _as_flatbuffer,
+                           _input_specs, _parity, _samples, read_tflite, to_tflite)
 
 __all__ = ["OP_RESOLVER_METHODS", "MicroResult", "measure_arena", "micro_runs_with",
            "resolver_methods", "c_source", "to_micro"]
@@ -191,6 +195,18 @@ def resolver_methods(tflite_model) -> List[str]:
     return [OP_RESOLVER_METHODS[n] for n in names]
 
 
+class _MicroRunner(Runner):
+    """A TFLite Micro runner that keeps TFLM's allocation log off the terminal."""
+
+    def __init__(self, flat):
+        with _CaptureFd2():
+            super().__init__(flat, "micro")
+
+    def predict(self, x, raw=False, chunk=256):
+        with _CaptureFd2():
+            return super().predict(x, raw=raw, chunk=chunk)
+
+
 def _as_list(y):
     return y if isinstance(y, list) else [y]
 
@@ -326,7 +342,8 @@ def to_micro(
         name: C identifier used in file and symbol names.
         arena_margin: ``(fixed_bytes, fraction)`` added to the measured arena.
         io_dtype: ``"int8"`` or ``"uint8"`` inputs/outputs.
-        check: parity vs Keras (LiteRT) and TFLite Micro vs LiteRT; a mismatch raises.
+        check: top-1 agreement with Keras in LiteRT and in TFLite Micro; below
+            ``min_agreement`` raises :class:`tfqreg.export.ParityError`.
         sample: inputs for the checks (default: the representative data).
         min_agreement: minimum top-1 agreement of the int8 model with Keras.
 
@@ -355,12 +372,12 @@ def to_micro(
     comparison = {"samples": int(len(xs[0])), "litert_kernels": "builtin (no delegate)",
                   "identical_fraction": same, "max_abs_diff": diff,
                   "xnnpack_identical_fraction": same_xnn, "xnnpack_max_abs_diff": diff_xnn}
-    if check and diff != 0:
-        from tfqreg.export import ParityError
-
-        raise ParityError(f"TFLite Micro and LiteRT int8 outputs differ (max {diff} quantized "
-                          f"units on {comparison['samples']} samples); they should agree "
-                          "exactly.", res.report)
+    # TFLite Micro vs Keras, the same criterion as the LiteRT check
+    micro_parity = _parity(model, _MicroRunner(flat), xs, "int8", 0.0, min_agreement)
+    res.report.extra["micro_parity"] = micro_parity.to_text()
+    if check and not micro_parity.passed:
+        raise ParityError(f"TFLite Micro output does not match Keras: {micro_parity.to_text()}",
+                          res.report)
     measured = measure_arena(flat)
     fixed, fraction = int(arena_margin[0]), float(arena_margin[1])
     arena = measured + fixed + math.ceil(fraction * measured)
