@@ -4,14 +4,18 @@ imports only matter before TensorFlow resolves ``tf.keras``, so each case needs 
 1. ``import tfqreg`` with TF_USE_LEGACY_KERAS unset makes ``tf.keras`` Keras 2 (tf_keras) and
    leaves the variable set; Keras 3 objects (the ``keras`` 3 package, imported before or after
    tfqreg) are rejected by ``check_keras2`` with a TypeError that says what to do.
-2. TensorFlow imported and ``tf.keras`` touched (Keras 3) before tfqreg: ImportError that names
-   TF_USE_LEGACY_KERAS.
+   Module-style imports (``from tensorflow.keras.x import y``, as larq does) resolve to tf_keras
+   even though Keras 3 imported TensorFlow first.
+2. TensorFlow imported and ``tf.keras`` touched (Keras 3) before tfqreg, as an attribute or as a
+   module import: ImportError that names TF_USE_LEGACY_KERAS.
 """
 
 import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -48,6 +52,9 @@ except TypeError as e:
     out["other"] = str(e)
 ok = keras.layers.Dense(2)
 out["keras2_accepted"] = check_keras2(ok) is ok
+import larq  # larq imports `from tensorflow.keras.optimizers.legacy import ...`: must be tf_keras
+from tensorflow.keras.optimizers.legacy import Optimizer
+out["module_import"] = Optimizer.__module__
 print("RESULT" + json.dumps(out))
 """
     proc = run(code)
@@ -60,10 +67,15 @@ print("RESULT" + json.dumps(out))
         assert "Keras 3" in out[name] and "`model`" in out[name] and "tf_keras" in out[name]
     assert "`layer`" in out["other"] and "Keras 3" not in out["other"]
     assert out["keras2_accepted"]
+    assert out["module_import"].startswith("tf_keras.")
 
 
-def test_keras3_already_resolved_gives_clear_import_error():
-    proc = run("import tensorflow as tf\ntf.keras.layers.Dense\nimport tfqreg\n")
+@pytest.mark.parametrize("prelude", [
+    "import tensorflow as tf\ntf.keras.layers.Dense\n",
+    "import tensorflow as tf\nfrom tensorflow.keras import layers\n",
+], ids=["attribute", "module_import"])
+def test_keras3_already_resolved_gives_clear_import_error(prelude):
+    proc = run(prelude + "import tfqreg\n")
     assert proc.returncode != 0
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError:")

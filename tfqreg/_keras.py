@@ -56,6 +56,33 @@ if not _tf_keras_is_keras2():
     raise ImportError(_KERAS3_HELP)
 
 
+def _route_tensorflow_keras_imports() -> None:
+    """Make ``from tensorflow.keras.x import y`` (used by larq at import) resolve to tf_keras.
+
+    TensorFlow decides this once, when it is first imported, by putting the Keras API folder that
+    matches TF_USE_LEGACY_KERAS at the front of ``tensorflow.__path__``. When TensorFlow was
+    imported before tfqreg set the variable (``import tensorflow`` or Keras 3's ``import keras``
+    first, ``tf.keras`` not touched yet), do the same now; if Keras 3 modules were already
+    imported under ``tensorflow.keras``, that cannot be undone: raise the ImportError.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("tf_keras.api._v2.keras")
+    if spec is None or not spec.origin:  # pragma: no cover - tf_keras layout changed
+        return
+    api_dir = os.path.dirname(os.path.dirname(spec.origin))
+    for name, module in list(sys.modules.items()):
+        if name == "tensorflow.keras" or name.startswith("tensorflow.keras."):
+            if "tf_keras" not in (getattr(module, "__file__", None) or "tf_keras"):
+                raise ImportError(_KERAS3_HELP)
+    path = list(getattr(tf, "__path__", []))
+    if path and path[0] != api_dir:
+        tf.__path__ = [api_dir] + [p for p in path if p != api_dir]
+
+
+_route_tensorflow_keras_imports()
+
+
 def _is_keras3_object(obj) -> bool:
     module = type(obj).__module__ or ""
     return module.split(".")[0] == "keras" and not isinstance(obj, keras.layers.Layer)
