@@ -4,16 +4,16 @@ Use any of them as ``kernel_regularizer=`` of a Keras 2 layer: plain ``Dense``/`
 ``QuantDense``/``QuantConv2D``, and layers that TFMOT wraps with ``quantize_apply``. Each is
 registered under the package ``tfqreg`` and has a short string alias:
 
-=================  ==============================================  ===========================
-alias              class (defaults)                                penalty per weight tensor W
-=================  ==============================================  ===========================
-``"foothill"``     ``Foothill(l=1e-4, alpha=1, beta=2, center=0)``  ``l·Σ f(|w|−c)``
-``"linf"``         ``LInf(l=0.05)``                                ``l·max|w|``
-``"margin"``       ``Margin(l=0.05, power=2, margin_weight=1)``    ``l·[Σ relu(|w|−|M|)^p + γ|M|]``
-``"soft_min_max"`` ``SoftMinMax(l=0.05, eta=1)``                   ``l·[smax − smin + η·e^{−a}]``
-``"msqe"``         ``MSQE(l=1, bits=4)``                           ``l·(1/N) Σ (w − Q(w))²``
-``"partial_l2"``   ``PartialL2(l=1, fraction=0.5)``                ``l·(1/N) Σ_{|w|≤θ_r} w²``
-=================  ==============================================  ===========================
+- ``"foothill"``: ``Foothill(l=1e-4, alpha=1, beta=2, center=0)``, ``l·Σ f(|w| − c)``,
+  ``f(x) = α·x·tanh(βx/2)``
+- ``"linf"``: ``LInf(l=0.05)``, ``l·max|w|``
+- ``"margin"``: ``Margin(l=0.05, power=2, margin_weight=1)``, ``l·[Σ relu(|w| − |M|)^p + γ·|M|]``,
+  learnable M
+- ``"soft_min_max"``: ``SoftMinMax(l=0.05, eta=1)``, ``l·[smax(W) − smin(W) + η·e^{−a}]``,
+  learnable hardness a
+- ``"msqe"``: ``MSQE(l=1, bits=4)``, ``l·(1/N) Σ (w − Q(w))²`` on the grid of :mod:`tfqreg.grid`
+  (optionally a learnable step δ)
+- ``"partial_l2"``: ``PartialL2(l=1, fraction=0.5)``, ``l·(1/N) Σ_{|w| ≤ θ_r} w²``
 
 >>> import tfqreg
 >>> from tfqreg._keras import keras
@@ -22,8 +22,9 @@ alias              class (defaults)                                penalty per w
 >>> [w.name for w in layer.weights]
 ['kernel:0', 'kernel_margin:0', 'bias:0']
 
-Default strengths. ``LInf(0.05)`` is the measured reference (Fashion-MNIST small CNN: an L∞ penalty
-of 0.05 on the sum of per-kernel max|w| keeps per-tensor W2 PTQ at 82.9% against 12.0% without).
+Default strengths. ``LInf(0.05)`` follows the project's reference run (Fashion-MNIST small CNN,
+4 epochs: an L∞ penalty of 0.05 on the sum of per-kernel max|w| kept per-tensor W2 PTQ at 82.9%
+against 12.0% without); the other defaults are reasoned from the formulas, not tuned.
 ``Margin`` and ``SoftMinMax`` use the same 0.05: their M-term resp. range term is of the size of
 max|w|, like L∞. ``Foothill(1e-4, alpha=1, beta=2)`` equals ``keras.regularizers.L2(1e-4)`` near 0
 (f ≈ αβ/2·w²) and an L1 penalty of 1e-4 beyond |w| ≈ 1 (= 2/β), i.e. ordinary weight decay that
@@ -45,7 +46,11 @@ layer: listed in ``layer.weights``/``model.trainable_weights`` right after the k
 SavedModel and ``tf.train.Checkpoint`` like the kernel (the reloaded layer rebuilds them from the
 regularizer's config and then loads their values), mirrored under ``tf.distribute`` strategies,
 and inside TFMOT's ``QuantizeWrapperV2`` they belong to the wrapped layer. Nothing else changes
-for layers without tfqreg regularizers. The regularizer object keeps a weak reference from each
+for layers without tfqreg regularizers. One visible consequence: such a layer has one more weight
+(``layer.get_weights()`` is ``[kernel, kernel_margin, bias]``, so code that unpacks
+``kernel, bias = layer.get_weights()`` must use ``layer.kernel``/``layer.bias``), and parameter
+counts (``model.summary()``, larq's summary) include these training-only scalars; they are unused
+by the forward pass, so TFLite conversion drops them. The regularizer object keeps a weak reference from each
 weight it was attached to to that weight's parameters, so one instance may be shared by several
 layers (each weight still gets its own M). Called on a tensor it was never attached to (e.g. a
 constant in a test), a learnable regularizer evaluates with its parameters at their initial
