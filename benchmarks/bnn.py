@@ -5,7 +5,7 @@ input AND kernel quantizer of a larq BNN, each trained plain and with the Foothi
 on the latent (real-valued) weights of every binarized kernel. Column: Fashion-MNIST test
 accuracy, mean ± std over seeds.
 
-The network is larq's customary small BNN (the "Introduction to BNNs with larq" CNN):
+The network is larq's customary small BNN (larq's MNIST guide CNN, 93k binary weights):
 QuantConv(32)-Pool-BN, QuantConv(64)-Pool-BN, QuantConv(64)-BN, Flatten, QuantDense(64)-BN,
 QuantDense(10)-BN, softmax; binary weights (latent weights clipped to [-1, 1] by
 ``weight_clip``) and binary activations, except the first layer's input (the real image, as is
@@ -56,9 +56,15 @@ def row_name(quantizer: str, regularized: bool) -> str:
 
 
 def build_bnn(quantizer: str = "ste_sign", strength: Optional[float] = None,
-              name: str = "bnn") -> keras.Model:
+              name: str = "bnn", dense_as_conv: bool = False) -> keras.Model:
     """larq's customary small BNN with ``quantizer`` on inputs (after the first layer) and
-    kernels; ``strength``: Foothill(center=1) on every binarized kernel, or ``None``."""
+    kernels; ``strength``: Foothill(center=1) on every binarized kernel, or ``None``.
+
+    ``dense_as_conv=True`` writes the two dense layers as the equivalent convolutions
+    (QuantConv2D(64, 3) over the 3×3×64 feature map, then a 1×1 QuantConv2D(10)): the same
+    function with the same weights (``kernel.reshape``), but Larq Compute Engine, which has no
+    binary fully-connected op (larq/compute-engine#53), then bit-packs them as ``LceBconv2d``.
+    """
     def kw(first=False):
         reg = None if strength is None else regularizers.Foothill(l=strength, **FOOTHILL)
         return dict(kernel_quantizer=quantizer, kernel_constraint="weight_clip", use_bias=False,
@@ -66,16 +72,30 @@ def build_bnn(quantizer: str = "ste_sign", strength: Optional[float] = None,
 
     L = keras.layers
     bn = lambda i: L.BatchNormalization(scale=False, name=f"bn{i}")  # noqa: E731
+    if dense_as_conv:
+        head = [lq.layers.QuantConv2D(64, 3, name="qfc1", **kw()), bn(4),
+                lq.layers.QuantConv2D(10, 1, name="qfc2", **kw()), bn(5), L.Flatten()]
+    else:
+        head = [L.Flatten(), lq.layers.QuantDense(64, name="qfc1", **kw()), bn(4),
+                lq.layers.QuantDense(10, name="qfc2", **kw()), bn(5)]
     return keras.Sequential([
         L.InputLayer(input_shape=(28, 28, 1)),
         lq.layers.QuantConv2D(32, 3, name="qconv1", **kw(first=True)), L.MaxPooling2D(), bn(1),
         lq.layers.QuantConv2D(64, 3, name="qconv2", **kw()), L.MaxPooling2D(), bn(2),
         lq.layers.QuantConv2D(64, 3, name="qconv3", **kw()), bn(3),
-        L.Flatten(),
-        lq.layers.QuantDense(64, name="qfc1", **kw()), bn(4),
-        lq.layers.QuantDense(10, name="qfc2", **kw()), bn(5),
+        *head,
         L.Activation("softmax", name="softmax"),
     ], name=name)
+
+
+def copy_weights(source: keras.Model, target: keras.Model) -> keras.Model:
+    """Copy weights layer by layer (by name) between the two ``build_bnn`` layouts."""
+    for layer in target.layers:
+        if not layer.weights:
+            continue
+        values = source.get_layer(layer.name).get_weights()
+        layer.set_weights([v.reshape(w.shape) for v, w in zip(values, layer.get_weights())])
+    return target
 
 
 def train(model: keras.Model, x, y, epochs: int, batch_size: int, lr: float) -> keras.Model:
@@ -92,8 +112,8 @@ def accuracy(model: keras.Model, xt, yt) -> float:
 
 def latent_stats(model: keras.Model) -> Dict[str, float]:
     """Latent weights of the binarized kernels: mean |w| and the fraction with |w| > 0.5."""
-    w = np.concatenate([l.kernel.numpy().ravel() for l in model.layers
-                        if isinstance(l, (lq.layers.QuantConv2D, lq.layers.QuantDense))])
+    quant = (lq.layers.QuantConv2D, lq.layers.QuantDense)
+    w = np.concatenate([l.kernel.numpy().ravel() for l in model.layers if isinstance(l, quant)])
     return {"mean_abs_latent": float(np.abs(w).mean()),
             "frac_abs_latent_gt_0.5": float((np.abs(w) > 0.5).mean())}
 
