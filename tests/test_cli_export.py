@@ -1,7 +1,6 @@
 """`tfqreg export` through tfqreg.cli.main: every target, every input format, bad input."""
 
 import json
-import os
 
 import numpy as np
 import pytest

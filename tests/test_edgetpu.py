@@ -88,8 +88,6 @@ def test_float_fallback_op_cumsum():
 
 
 def test_custom_ops_are_named():
-    import larq as lq  # noqa: F401
-
     res = export.to_lce(models.bnn(), check=False)
     report = check_edgetpu(res.flatbuffer, run_compiler=False)
     lce = [o for o in report.ops if o.op.startswith("Lce")]

@@ -59,7 +59,8 @@ _MAIN = r"""
 #include "fmnist_model_data.h"
 int main() {
   unsigned long sum = 0;
-  for (unsigned int i = 0; i < g_fmnist_model_len; ++i) sum = (sum * 31 + g_fmnist_model[i]) % 1000000007UL;
+  for (unsigned int i = 0; i < g_fmnist_model_len; ++i)
+    sum = (sum * 31 + g_fmnist_model[i]) % 1000000007UL;
   std::printf("%u %lu %d %c%c%c%c %zu\n", g_fmnist_model_len, sum,
               (int)(reinterpret_cast<std::uintptr_t>(g_fmnist_model) % 16),
               g_fmnist_model[4], g_fmnist_model[5], g_fmnist_model[6], g_fmnist_model[7],
@@ -83,7 +84,11 @@ template <unsigned int tOpCount> class MicroMutableOpResolver {
  public:
   const char* names[tOpCount];
   unsigned int count = 0;
-  TfLiteStatus Add(const char* n) { if (count >= tOpCount) return kTfLiteError; names[count++] = n; return kTfLiteOk; }
+  TfLiteStatus Add(const char* n) {
+    if (count >= tOpCount) return kTfLiteError;
+    names[count++] = n;
+    return kTfLiteOk;
+  }
   TfLiteStatus AddConv2D() { return Add("AddConv2D"); }
   TfLiteStatus AddMean() { return Add("AddMean"); }
   TfLiteStatus AddFullyConnected() { return Add("AddFullyConnected"); }

@@ -51,7 +51,7 @@ import re
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -222,8 +222,8 @@ def read_tflite(model) -> TfliteGraph:
         q = t.quantization
         scale = [float(s) for s in q.scale] if q is not None and q.scale is not None else []
         zp = [int(z) for z in q.zeroPoint] if q is not None and q.zeroPoint is not None else []
-        tensors.append(TensorInfo(i, decode(t.name), shape, sig, types.get(t.type, str(t.type)).lower(),
-                                  constant, scale, zp))
+        dtype = types.get(t.type, str(t.type)).lower()
+        tensors.append(TensorInfo(i, decode(t.name), shape, sig, dtype, constant, scale, zp))
     ops = []
     for i, op in enumerate(sg.operators or []):
         code = m.operatorCodes[op.opcodeIndex]
@@ -441,14 +441,16 @@ class ExportReport:
                  f"{self.batch_size if self.batch_size is not None else 'dynamic'}) =="]
         for kind, ts in (("input", self.inputs), ("output", self.outputs)):
             for t in ts:
-                q = f" scale {t['scale']:.6g} zero_point {t['zero_point']}" if t.get("scale") else ""
+                q = (f" scale {t['scale']:.6g} zero_point {t['zero_point']}"
+                     if t.get("scale") else "")
                 lines.append(f"{kind:6s} {t['name']}: {t['dtype']} {t['shape_signature']}{q}")
         counts = ", ".join(f"{k} x{v}" for k, v in self.op_counts.items())
         lines.append(f"ops    {len(self.ops)}: {counts}")
         ratio = self.keras_float32_bytes / self.tflite_bytes if self.tflite_bytes else float("nan")
         lines.append(f"size   Keras float32 params {_fmt_bytes(self.keras_float32_bytes)} "
                      f"({self.keras_params:,} params)")
-        lines.append(f"       .tflite {_fmt_bytes(self.tflite_bytes)} (float32/tflite {ratio:.2f}x), "
+        lines.append(f"       .tflite {_fmt_bytes(self.tflite_bytes)} "
+                     f"(float32/tflite {ratio:.2f}x), "
                      f"gzip -9 {_fmt_bytes(self.gzip_bytes)}")
         if self.parity is not None:
             lines.append(self.parity.to_text())
