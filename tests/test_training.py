@@ -180,15 +180,13 @@ def test_msqe_value_dalpha_and_delta_gradient(per_channel):
     with tf.GradientTape(persistent=True) as tape:
         cost, metrics = term.cost()
     steps = [np.exp(s.numpy()) for s in term._log_steps]
-    sq, n = 0.0, 0
+    R = 0.0
     dR_dstep = []
-    for k, st in zip(kernels, steps):
+    for k, st in zip(kernels, steps):  # R = Σ_l mean_l (w − Q)²
         w = k.numpy()
         idx, q = np_msqe(w, st, 3)
-        sq += ((w - q) ** 2).sum()
-        n += w.size
-        dR_dstep.append((-2.0 * (w - q) * idx))
-    R = sq / n
+        R += ((w - q) ** 2).mean()
+        dR_dstep.append((-2.0 * (w - q) * idx) / w.size)
     ea = np.exp(1.3)
     np.testing.assert_allclose(metrics["msqe"].numpy(), R, rtol=1e-12)
     np.testing.assert_allclose(cost.numpy(), ea * R - 0.7 * 1.3, rtol=1e-12)
@@ -198,14 +196,14 @@ def test_msqe_value_dalpha_and_delta_gradient(per_channel):
     # δ receives the MSQE gradient: dC/dlogδ = e^α · δ · dR/dδ (round treated as constant)
     for s, st, d in zip(term._log_steps, steps, dR_dstep):
         axes = None if not per_channel else tuple(range(d.ndim - 1))
-        expected = ea * st * (d.sum(axis=axes, keepdims=per_channel) / n)
+        expected = ea * st * d.sum(axis=axes, keepdims=per_channel)
         np.testing.assert_allclose(tape.gradient(cost, s).numpy(), np.reshape(expected, st.shape),
                                    rtol=1e-9, atol=1e-15)
     # kernels receive e^α · 2 (w − Q) / N
     for k, st in zip(kernels, steps):
         _, q = np_msqe(k.numpy(), st, 3)
         np.testing.assert_allclose(tape.gradient(cost, k).numpy(),
-                                   ea * 2 * (k.numpy() - q) / n, rtol=1e-10, atol=1e-15)
+                                   ea * 2 * (k.numpy() - q) / q.size, rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(metrics["delta"].numpy(),
                                np.concatenate([s.ravel() for s in steps]).mean(), rtol=1e-12)
 
@@ -250,20 +248,19 @@ def test_partial_l2_value_and_gradient():
     kernels = [model.get_layer("d1").kernel, model.get_layer("d2").kernel]
     with tf.GradientTape() as tape:
         cost, metrics = term.cost()
-    total, n, masks = 0.0, 0, []
+    P, masks = 0.0, []
     for k in kernels:
         w = k.numpy()
         a = np.sort(np.abs(w).ravel())
         theta = a[int(np.floor(0.6 * w.size)) - 1]
         mask = np.abs(w) <= theta
         masks.append(mask)
-        total += (w[mask] ** 2).sum()
-        n += w.size
-    P = total / n
+        P += (w[mask] ** 2).sum() / w.size
     np.testing.assert_allclose(metrics["partial_l2"].numpy(), P, rtol=1e-12)
     np.testing.assert_allclose(cost.numpy(), np.exp(0.4) * P - 0.5 * 0.4, rtol=1e-12)
     for k, g, mask in zip(kernels, tape.gradient(cost, kernels), masks):
-        np.testing.assert_allclose(g.numpy(), np.exp(0.4) * 2 * k.numpy() * mask / n, rtol=1e-10)
+        np.testing.assert_allclose(g.numpy(), np.exp(0.4) * 2 * k.numpy() * mask / mask.size,
+                                   rtol=1e-10)
     keep = term.pruning_masks()
     assert sum(m.sum() for m in keep.values()) == sum((~m).sum() for m in masks)
 
@@ -278,17 +275,15 @@ def test_msqe_train_step_updates_alpha_and_delta_by_their_gradients():
     ws = [k.numpy() for k in kernels]
     logsteps = [s.numpy() for s in term._log_steps]
     logs = model.train_on_batch(x, y, return_dict=True)
-    sq, n, dRds = 0.0, 0, []
+    R, dRds = 0.0, []
     for w, ls in zip(ws, logsteps):
         idx, q = np_msqe(w, np.exp(ls), 3)
-        sq += ((w - q) ** 2).sum()
-        n += w.size
-        dRds.append((-2.0 * (w - q) * idx).sum())
-    R = sq / n
+        R += ((w - q) ** 2).mean()
+        dRds.append((-2.0 * (w - q) * idx).sum() / w.size)
     ea = np.exp(0.2)
     np.testing.assert_allclose(term.alpha.numpy(), 0.2 - lr * (ea * R - 0.9), rtol=1e-10)
     for s, ls, d in zip(term._log_steps, logsteps, dRds):
-        np.testing.assert_allclose(s.numpy(), ls - lr * ea * np.exp(ls) * d / n, rtol=1e-10)
+        np.testing.assert_allclose(s.numpy(), ls - lr * ea * np.exp(ls) * d, rtol=1e-10)
     np.testing.assert_allclose(logs["msqe"], R, rtol=1e-6)  # float32 Keras metrics
     np.testing.assert_allclose(logs["exp_alpha"], ea, rtol=1e-6)
     np.testing.assert_allclose(logs["loss"] - logs["task_loss"], ea * R - 0.9 * 0.2, rtol=1e-4)
@@ -704,20 +699,27 @@ def test_large_lambda_warns_unless_late_start():
 @pytest.mark.slow
 def test_fashion_mnist_msqe_falls_alpha_rises_and_rounding_is_harmless(fashion_small):
     (x, y), (xt, yt) = fashion_small
-    inner = models.tiny_cnn()
+    inner = models.small_cnn()
     pre = training.TrainingModel(inner, terms=[])
     pre.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy",
                 metrics=["accuracy"])
-    pre.fit(x, y, batch_size=64, epochs=2, verbose=0)  # ~190 steps to a trained float model
-    term = training.LearnableMSQE(bits=4, per_channel=True, beta=1.0, alpha_init=4.0)
+    pre.fit(x, y, batch_size=64, epochs=1, verbose=0)  # 94 steps to a trained float model
+    # R of a trained small_cnn is ~1e-5, so e^α must be ~1e5+ to pull the weights onto the grid;
+    # β is large enough that e^α·R < β from the start (α rises)
+    term = training.LearnableMSQE(bits=4, per_channel=True, beta=1000.0, alpha_init=15.0,
+                                  alpha_max=20.0)
     model = training.TrainingModel(inner, terms=[term])
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
+    # a small lr: Adam moves every weight by ~lr per step, which sets how close to the grid
+    # the weights can settle (fc1's step δ is ~7e-3)
+    model.compile(keras.optimizers.Adam(1e-4), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
-    hist = model.fit(x, y, batch_size=64, epochs=3, verbose=0).history  # ~280 steps
-    assert hist["msqe"][-1] < 0.5 * hist["msqe"][0], hist["msqe"]
+    hist = model.fit(x, y, batch_size=64, epochs=2, verbose=0).history  # 188 steps
+    print("msqe", hist["msqe"], "exp_alpha", hist["exp_alpha"])
+    assert hist["msqe"][-1] < 0.1 * hist["msqe"][0], hist["msqe"]
     assert hist["exp_alpha"][-1] > hist["exp_alpha"][0], hist["exp_alpha"]
     acc = model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
     training.round_to_grid(model)
     acc_q = model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
-    assert acc > 0.6, acc
+    assert acc > 0.7, acc
+    print("accuracy before / after round_to_grid", acc, acc_q)
     assert abs(acc - acc_q) <= 0.002 + 1e-9, (acc, acc_q)

@@ -32,11 +32,12 @@ The terms
   all elements; ``"mean"`` divides each kernel's ℓ1 norm by its size (and each activation's by
   its per-example size), which makes λ independent of the layer widths.
 * :class:`LearnableMSQE` (Choi et al.): ``e^α · R − β·α`` with
-  ``R = Σ_l Σ_i (w_i − Q_{δ_l}(w_i))² / Σ_l N_l`` (the mean over all regularized weights), α a
+  ``R = Σ_l (1/N_l) Σ_i (w_i − Q_{δ_l}(w_i))²`` (the per-tensor MSQE of methods.md §3, summed
+  over the regularized tensors, so a small first conv is pulled as hard as a wide Dense), α a
   trainable scalar capped at ``alpha_max`` and δ a trainable step per tensor (or per output
   channel) initialised by :func:`tfqreg.grid.default_step`. δ is stored as ``log δ`` (the variable
   ``<layer>_log_step``): it stays positive and Adam moves it by a relative amount.
-* :class:`LearnablePartialL2`: ``e^α · P − β·α``, ``P = Σ_l Σ_{|w|≤θ_l} w² / Σ_l N_l`` with θ_l the
+* :class:`LearnablePartialL2`: ``e^α · P − β·α``, ``P = Σ_l (1/N_l) Σ_{|w|≤θ_l} w²`` with θ_l the
   ``fraction`` quantile of |w| in each tensor, recomputed every step.
 
 Gradient-ℓ1 under ``tf.distribute``
@@ -636,7 +637,8 @@ class _Learnable(_Term):
 @register
 class LearnableMSQE(_Learnable):
     """Learnable-coefficient MSQE (Choi et al.): ``e^α·R − β·α``, ``R`` the mean squared
-    quantization error of the kernels on an n-bit grid with a learnable step δ.
+    quantization error of each kernel on an n-bit grid with a learnable step δ, summed over the
+    kernels.
 
     Args:
         bits: grid bit width (1..16; 1 is binary ``δ·sign(w)``).
@@ -705,14 +707,12 @@ class LearnableMSQE(_Learnable):
                                                    self.narrow_range)))
 
     def regularizer_value(self):
-        total_sq, total_n, step_sum, step_n = 0.0, 0, 0.0, 0
+        r, step_sum, step_n = 0.0, 0.0, 0
         for (_, k, _), step in zip(self._targets, self.steps()):
             q = grid.fake_quant(k, step, self.bits, self.narrow_range)
-            total_sq += tf.reduce_sum(tf.square(k - q))
-            total_n += int(np.prod(k.shape))
-            step_sum += tf.reduce_sum(step) * (1 if step.shape.rank else 1)
+            r += tf.reduce_mean(tf.square(k - q))  # per-tensor MSQE, summed over tensors
+            step_sum += tf.reduce_sum(step)
             step_n += int(np.prod(step.shape)) if step.shape.rank else 1
-        r = total_sq / float(total_n)
         return r, {"msqe": r, "delta": step_sum / float(step_n)}
 
     def quantized(self) -> List[Tuple]:
@@ -724,7 +724,8 @@ class LearnableMSQE(_Learnable):
 @register
 class LearnablePartialL2(_Learnable):
     """Learnable-coefficient partial L2 for pruning (Choi et al.): ``e^α·P − β·α`` with
-    ``P = Σ_{|w|≤θ} w² / N``, θ the ``fraction`` quantile of |w| per tensor (recomputed every step).
+    ``P = Σ_l (1/N_l) Σ_{|w|≤θ_l} w²``, θ_l the ``fraction`` quantile of |w| per tensor (recomputed
+    every step).
 
     Args:
         fraction: share of each kernel's weights (smallest |w|) that is penalised, in (0, 1).
@@ -762,12 +763,10 @@ class LearnablePartialL2(_Learnable):
         return out
 
     def regularizer_value(self):
-        total, total_n = 0.0, 0
+        p = 0.0
         for (_, k, _), theta in zip(self._targets, self.thresholds()):
             mask = tf.cast(tf.abs(k) <= theta, k.dtype)
-            total += tf.reduce_sum(mask * tf.square(k))
-            total_n += int(np.prod(k.shape))
-        p = total / float(total_n)
+            p += tf.reduce_mean(mask * tf.square(k))  # per tensor, summed over tensors
         return p, {"partial_l2": p}
 
     def pruning_masks(self) -> Dict[str, np.ndarray]:
@@ -874,7 +873,8 @@ class TrainingModel(keras.Model):
             (t.name, m): (m if counts[m] == 1 else f"{t.name}_{m}")
             for t in terms for m in t.metric_names}
         # not tracked as attributes: metric variables are not model weights (reset via `metrics`)
-        object.__setattr__(self, "_loss_tracker", keras.metrics.Mean(name="loss"))
+        # named total_loss: a tracker named "loss" would shadow Keras' own in evaluate()
+        object.__setattr__(self, "_loss_tracker", keras.metrics.Mean(name="total_loss"))
         object.__setattr__(self, "_term_trackers", {key: keras.metrics.Mean(name=key)
                                                     for key in self._metric_keys.values()})
         if inner.built:
@@ -918,8 +918,7 @@ class TrainingModel(keras.Model):
         ids = {id(m) for m in mine}
         return [m for m in base if id(m) not in ids] + mine
 
-    def compile(self, *args, **kwargs):
-        super().compile(*args, **kwargs)
+    def make_train_function(self, force=False):
         # Under MultiWorkerMirroredStrategy, Keras' default ("auto" -> "sum") sums the metric
         # results of the workers, which are already global, so every logged value would be
         # num_workers times too large. "first" reports the (global) value of the first replica.
@@ -928,6 +927,7 @@ class TrainingModel(keras.Model):
                 and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
                 and strategy.extended._in_multi_worker_mode()):  # pylint: disable=protected-access
             self.distribute_reduction_method = "first"
+        return super().make_train_function(force=force)
 
     # -- schedule -------------------------------------------------------------------------------
     def update_schedule(self, epoch: Optional[int] = None, step: Optional[int] = None) -> bool:
