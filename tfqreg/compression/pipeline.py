@@ -274,7 +274,7 @@ class Compressor:
         names = [k for k in out if k != "loss"]
         return float(out[names[0]]) if names else None
 
-    def _layer_groups(self, model, fraction_of=None) -> List[Tuple[Optional[List[str]], float]]:
+    def _layer_groups(self, model) -> List[Tuple[Optional[List[str]], float]]:
         """``[(layer names or None for all, fraction)]``: the layers each term covers."""
         names = []
         for key in coded_kernels(model, self.layers):
