@@ -341,3 +341,12 @@ def test_reference_models_match_their_manifest(data_dir, tfds_dir):
             assert bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", body)) == data
             h = open(os.path.join(root, entry["c_source"][1])).read()
             assert f"kTensorArenaSize = {entry['tensor_arena_size']};" in h
+
+
+def test_lce_binarizes_foothill_sign_at_any_batch_size():
+    """FoothillSign's forward is written as larq.math.sign writes it, so LCE packs the binary
+    convolution with a dynamic batch too."""
+    model = models.bnn(input_quantizer="foothill_sign", kernel_quantizer="foothill_sign")
+    res = export.to_lce(model, check=False, batch_size=None)
+    assert res.report.extra["lce_bconv2d"] == 1 and res.report.extra["not_binarized"] == []
+    assert "LceBconv2d" in res.report.ops

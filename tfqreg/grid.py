@@ -131,7 +131,9 @@ def quantize_indices(w, step, bits: int, narrow_range: bool = False) -> tf.Tenso
     w = tf.convert_to_tensor(w)
     step = tf.cast(tf.convert_to_tensor(step, dtype_hint=w.dtype), w.dtype)
     if bits == 1:
-        return tf.where(w >= 0, tf.ones_like(w), -tf.ones_like(w))
+        # sign with sign(0) = +1, written as larq.math.sign writes it: Larq Compute Engine's
+        # converter recognises this pattern and emits binary kernels at any batch size.
+        return tf.sign(tf.sign(w) + 0.1)
     q_min, q_max = qrange(bits, narrow_range)
     return tf.clip_by_value(tf.round(w / step), float(q_min), float(q_max))
 
