@@ -148,7 +148,7 @@ def _fmt_ms(lat: Optional[dict]) -> str:
 
 def _table(rows: List[dict]) -> str:
     head = (f"{'artifact':<24}{'runtime':<20}{'size KB':>9}{'gzip KB':>9}{'acc %':>8}"
-            f"{'ms XNNPACK':>11}{'ms plain':>10}{'arena B':>9}")
+            f"{'ms XNNPACK':>11}{'ms no-XNN':>10}{'arena B':>9}")
     lines = ["Deployment: size, accuracy of the artifact in its runtime, single-image latency "
              "(median, 1 thread)", head]
     for r in rows:

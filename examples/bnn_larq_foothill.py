@@ -34,7 +34,7 @@ out = os.path.join(REPO, "tflite_models", "examples", "bnn_larq_foothill")
 
 keras.utils.set_random_seed(0)
 binary = dict(kernel_quantizer="foothill_sign", kernel_constraint="weight_clip", use_bias=False,
-              kernel_regularizer=regularizers.Foothill(l=1e-4, center=1.0))
+              kernel_regularizer=regularizers.Foothill(l=1e-5, center=1.0))
 L = keras.layers
 model = keras.Sequential([  # dense layers written as convolutions: LCE bit-packs only convs
     L.InputLayer((28, 28, 1)),

@@ -1,0 +1,231 @@
+"""Smoke tests: every example and benchmark script runs end to end (``--quick``) on real data.
+
+Each script runs in a fresh interpreter (``sys.executable``, cwd = the repository, the real
+Fashion-MNIST files through ``TFQREG_DATA_DIR``), and the test checks what it produced: exit
+code 0, the JSON with the expected keys and rows, accuracies in [0, 1] and above chance (10 %)
+where a model was trained, the artifacts (``.tflite``, ``.cc``/``.h``, ``.keras``/``.h5``)
+present and non-empty and consistent with each other. Quick modes train on 2,000 images for one
+epoch, so the accuracy floors are set well below what they reach (50-65 %).
+"""
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tfqreg.export import read_tflite
+
+pytestmark = pytest.mark.slow
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RESULTS = os.path.join(REPO, "benchmarks", "results")
+EXAMPLES_OUT = os.path.join(REPO, "tflite_models", "examples")
+CHANCE = 0.10
+TRAINED_FLOOR = 0.25  # 2.5x chance: a model that learned something
+
+
+def _run(script, data_dir, timeout, *args):
+    env = dict(os.environ, TFQREG_DATA_DIR=data_dir, TF_CPP_MIN_LOG_LEVEL="2",
+               PYTHONUNBUFFERED="1", MPLBACKEND="Agg")
+    start = time.time()
+    proc = subprocess.run([sys.executable, script, "--quick", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (f"{script} exited with {proc.returncode}\n--- stdout\n"
+                                  f"{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}")
+    return proc.stdout, start
+
+
+def _fresh_file(path, since):
+    assert os.path.isfile(path), f"{path} was not written"
+    assert os.path.getsize(path) > 0, f"{path} is empty"
+    assert os.path.getmtime(path) >= since - 1, f"{path} is stale (not written by this run)"
+    return path
+
+
+def _number(pattern, text):
+    m = re.search(pattern, text)
+    assert m, f"{pattern!r} not found in output:\n{text[-3000:]}"
+    return float(m.group(1))
+
+
+def _acc_ok(a, trained=True):
+    assert 0.0 <= a <= 1.0
+    if trained:
+        assert a > TRAINED_FLOOR, a
+
+
+# ------------------------------------------------------------------------------------ examples
+def test_example_regularizer_keras(data_dir):
+    out, t0 = _run("examples/regularizer_keras.py", data_dir, 400)
+    folder = os.path.join(EXAMPLES_OUT, "regularizer_keras")
+    for name in ("plain", "linf"):
+        assert f"== {name} ==" in out
+        _fresh_file(os.path.join(folder, f"{name}.keras"), t0)
+        _fresh_file(os.path.join(folder, f"{name}_sweep.png"), t0)
+        with open(_fresh_file(os.path.join(folder, f"{name}_sweep.json"), t0)) as f:
+            sweep = json.load(f)
+        rows = {(r["weight_bits"], r["activation_bits"]): r["accuracy"] for r in sweep["rows"]}
+        assert set(rows) == {(None, None), (8, 8), (6, 8), (4, 8), (3, 8), (2, 8)}
+        assert sweep["per_channel"] is False and sweep["num_examples"] == 1000
+        _acc_ok(rows[(None, None)])
+        _acc_ok(rows[(8, 8)])
+        # 8-bit PTQ of a trained model stays within a few points of float
+        assert abs(rows[(8, 8)] - rows[(None, None)]) < 0.05
+        for a in rows.values():
+            _acc_ok(a, trained=False)
+
+
+def test_example_bnn_larq_foothill(data_dir):
+    out, t0 = _run("examples/bnn_larq_foothill.py", data_dir, 400)
+    folder = os.path.join(EXAMPLES_OUT, "bnn_larq_foothill")
+    assert "Ratio of MACs that are binarized" in out  # larq.models.summary
+    keras_acc = _number(r"Keras test accuracy: ([0-9.]+)", out)
+    lce_acc = _number(r"test accuracy in LCE's interpreter ([0-9.]+)", out)
+    _acc_ok(keras_acc)
+    assert abs(lce_acc - keras_acc) <= 0.01  # the converted BNN computes the same network
+    _fresh_file(os.path.join(folder, "bnn_foothill.keras"), t0)
+    graph = read_tflite(open(_fresh_file(os.path.join(folder, "bnn_foothill_lce.tflite"), t0),
+                             "rb").read())
+    # the three binary-input convolutions (incl. the dense head written as convs) bit-packed
+    assert graph.op_counts.get("LceBconv2d") == 3, graph.op_counts
+    assert "FULLY_CONNECTED" not in graph.op_counts
+
+
+def test_example_qat_tfmot_nbit(data_dir):
+    out, t0 = _run("examples/qat_tfmot_nbit.py", data_dir, 400)
+    float_acc = _number(r"float32: ([0-9.]+)", out)
+    ptq_acc = _number(r"PTQ W4A8: ([0-9.]+)", out)
+    qat_acc = _number(r"QAT W4A8 \(fake-quantized forward pass\): ([0-9.]+)", out)
+    reloaded = _number(r"reloaded from .*: ([0-9.]+)", out)
+    for a in (float_acc, ptq_acc, qat_acc):
+        _acc_ok(a)
+    assert reloaded == qat_acc  # the saved QAT model reloads with its quantizer state
+    _fresh_file(os.path.join(EXAMPLES_OUT, "qat_tfmot_nbit", "small_cnn_qat_w4a8.h5"), t0)
+
+
+def test_example_edgetpu_export(data_dir):
+    out, t0 = _run("examples/edgetpu_export.py", data_dir, 400)
+    folder = os.path.join(EXAMPLES_OUT, "edgetpu_export")
+    flat = open(_fresh_file(os.path.join(folder, "small_cnn_int8.tflite"), t0), "rb").read()
+    with open(_fresh_file(os.path.join(folder, "edgetpu_preflight.json"), t0)) as f:
+        report = json.load(f)
+    graph = read_tflite(flat)
+    assert [o["op"] for o in report["ops"]] == graph.op_names
+    assert report["tflite_bytes"] == len(flat)
+    # small_cnn in full int8 uses only Edge TPU ops with int8 tensors and static shapes
+    assert report["ok"] is True and report["first_cpu_op"] is None and report["cpu_ops"] == 0
+    assert all(t.dtype in ("int8", "int32") for t in graph.tensors), \
+        {t.dtype for t in graph.tensors}
+    assert "verdict: OK, fully mappable" in out
+    _acc_ok(_number(r"Keras float32 test accuracy: ([0-9.]+)", out))
+    _acc_ok(_number(r"int8 TFLite test accuracy \(LiteRT\): ([0-9.]+)", out))
+
+
+def test_example_micro_export(data_dir):
+    out, t0 = _run("examples/micro_export.py", data_dir, 400)
+    folder = os.path.join(EXAMPLES_OUT, "micro_export")
+    flat = open(_fresh_file(os.path.join(folder, "fmnist_cnn.tflite"), t0), "rb").read()
+    cc = open(_fresh_file(os.path.join(folder, "fmnist_cnn_model_data.cc"), t0)).read()
+    h = open(_fresh_file(os.path.join(folder, "fmnist_cnn_model_data.h"), t0)).read()
+    assert "g_fmnist_cnn_model" in cc and f"g_fmnist_cnn_model_len = {len(flat)};" in cc
+    # the C array holds exactly the .tflite bytes
+    arr = cc[cc.index("g_fmnist_cnn_model[]"):]
+    arr = arr[arr.index("{") + 1:arr.index("}")]
+    assert bytes(int(b, 16) for b in re.findall(r"0x([0-9a-fA-F]{2})", arr)) == flat
+    arena = int(_number(r"kTensorArenaSize = (\d+);", out))
+    measured = int(_number(r"// measured (\d+) B", out))
+    assert 0 < measured < arena
+    assert f"constexpr size_t kTensorArenaSize = {arena};" in h
+    for op in ("AddConv2D", "AddMaxPool2D", "AddFullyConnected", "AddSoftmax"):
+        assert f"resolver.{op}();" in out
+    _acc_ok(_number(r"int8 model in TFLite Micro, \d+ test images: accuracy ([0-9.]+)", out))
+
+
+# ---------------------------------------------------------------------------------- benchmarks
+def test_benchmark_robustness_quick(data_dir):
+    _, t0 = _run("benchmarks/robustness.py", data_dir, 900)
+    with open(_fresh_file(os.path.join(RESULTS, "robustness_quick.json"), t0)) as f:
+        res = json.load(f)
+    _fresh_file(os.path.join(RESULTS, "robustness_quick.png"), t0)
+    assert res["quick"] is True and res["seeds_done"] == 1
+    expected = {"plain", "foothill", "linf", "margin", "soft_min_max", "msqe_learnable_w4",
+                "gradient_l1", "tfmot_qat_w8a8", "qat_w4a4"}
+    assert set(res["aggregate"]) == expected
+    for name, by in res["aggregate"].items():
+        for gran in ("per_channel", "per_tensor"):
+            assert set(by[gran]) == set(res["columns"])
+            for col, stat in by[gran].items():
+                _acc_ok(stat["mean"], trained=False)
+        _acc_ok(by["per_channel"]["fp32"]["mean"])
+        _acc_ok(by["per_channel"]["W8A8"]["mean"])
+
+
+def test_benchmark_bnn_quick(data_dir):
+    out, t0 = _run("benchmarks/bnn.py", data_dir, 600)
+    with open(_fresh_file(os.path.join(RESULTS, "bnn_quick.json"), t0)) as f:
+        res = json.load(f)
+    _fresh_file(os.path.join(RESULTS, "bnn_quick.png"), t0)
+    quantizers = ["ste_sign", "approx_sign", "swish_sign", "foothill_sign"]
+    rows = [r for q in quantizers for r in (q, f"{q}+foothill_reg")]
+    assert res["rows"] == rows and set(res["aggregate"]) == set(rows)
+    assert res["quick"] is True and res["seeds_done"] == 1 and res["epochs"] == 1
+    assert res["regularizer"]["center"] == 1.0 and res["regularizer"]["l"] > 0
+    assert res["wall_seconds"] > 0 and res["cpu_seconds"] > 0
+    for name in rows:
+        _acc_ok(res["aggregate"][name]["test_accuracy"]["mean"])
+        assert len(res["per_seed"][name]) == 1
+        assert 0 < res["aggregate"][name]["mean_abs_latent"]["mean"] <= 1.0  # weight_clip
+    for q in quantizers:
+        assert q in out  # the table
+
+
+def test_benchmark_deployment_quick(data_dir):
+    out, t0 = _run("benchmarks/deployment.py", data_dir, 600)
+    with open(_fresh_file(os.path.join(RESULTS, "deployment_quick.json"), t0)) as f:
+        res = json.load(f)
+    rows = {(r["artifact"], r["runtime"]): r for r in res["rows"]}
+    assert set(rows) == {("small_cnn keras fp32", "tf_keras"),
+                         ("small_cnn tflite fp32", "LiteRT"),
+                         ("small_cnn tflite int8", "LiteRT"),
+                         ("small_cnn tflite int8", "TFLite Micro (host)"),
+                         ("bnn keras (binarized)", "tf_keras"), ("bnn tflite fp32", "LiteRT"),
+                         ("bnn lce", "LCE interpreter"),
+                         ("bnn lce (QuantDense)", "LCE interpreter")}
+    for r in res["rows"]:
+        _acc_ok(r["test_accuracy"])
+        for lat in r.get("latency", {}).values():
+            assert 0 < lat["p10_ms"] <= lat["median_ms"] <= lat["p90_ms"]
+    f32, int8 = rows[("small_cnn tflite fp32", "LiteRT")], rows[("small_cnn tflite int8",
+                                                                    "LiteRT")]
+    params = rows[("small_cnn keras fp32", "tf_keras")]["params"]
+    assert f32["bytes"] > 4 * params > int8["bytes"] > params  # int8 weights + graph
+    assert int8["gzip_bytes"] < int8["bytes"]
+    assert 0 < int8["arena_measured"] < int8["tensor_arena_size"]
+    # the artifacts on disk are the ones measured
+    folder = os.path.join(REPO, "tflite_models", "benchmarks", "deployment_quick")
+    assert os.path.getsize(_fresh_file(os.path.join(folder, "small_cnn_int8.tflite"), t0)) == \
+        int8["bytes"]
+    _fresh_file(os.path.join(folder, "small_cnn_int8_model_data.cc"), t0)
+    lce, lce_dense = rows[("bnn lce", "LCE interpreter")], rows[("bnn lce (QuantDense)",
+                                                                 "LCE interpreter")]
+    assert lce["lce_bconv2d"] == 4 and lce_dense["lce_bconv2d"] == 2
+    # bit-packed dense head: much smaller than float32 dense kernels, same predictions
+    assert lce["bytes"] < lce_dense["bytes"] / 3
+    assert abs(lce["test_accuracy"] - lce_dense["test_accuracy"]) <= 0.005
+    assert lce["bytes"] < rows[("bnn tflite fp32", "LiteRT")]["bytes"] / 5
+
+
+def test_benchmark_step_time_quick(data_dir):
+    script = os.path.join(REPO, "benchmarks", "step_time.py")
+    if not os.path.isfile(script):
+        pytest.skip("benchmarks/step_time.py is not in the repository")
+    out, _ = _run("benchmarks/step_time.py", data_dir, 600)
+    # its --quick mode prints the table (and writes no JSON): one row per configuration with
+    # the median step time and the ratio to the plain step (plain itself exactly 1.00x)
+    rows = dict(re.findall(r"^(\w+)\s+[0-9.]+\s+([0-9.]+)x", out, flags=re.M))
+    assert rows.get("plain") == "1.00", out[-2000:]
+    assert len(rows) >= 3 and all(float(r) > 0 for r in rows.values()), rows
