@@ -1,0 +1,90 @@
+"""Collect the tables of the full benchmark runs (benchmarks/results/*.json) into the README.
+
+    python benchmarks/report.py           # rewrite the block between the README's markers
+    python benchmarks/report.py --print   # only print it
+
+Each benchmark script stores its printed table under "table" in its JSON, with the machine it
+ran on and when; this script copies them verbatim, so the README shows exactly what was measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+SECTIONS = (
+    ("robustness.json", "Bit-width robustness (benchmark 1)", "python benchmarks/robustness.py --epochs 2"),
+    ("bnn.json", "Binary networks (benchmark 2)", "python benchmarks/bnn.py"),
+    ("step_time.json", "Training-step overhead (benchmark 3)", "python benchmarks/step_time.py"),
+    ("deployment.json", "Deployment (benchmark 4)", "python benchmarks/deployment.py"),
+    ("compression.json", "Compression pipeline vs TFMOT", "python benchmarks/compression.py"),
+)
+
+
+def _describe(d: dict) -> str:
+    m = d.get("machine", {})
+    if not isinstance(m, dict):
+        m = {"description": str(m)}
+    bits = [m.get("description") or f"{m.get('cpu_count', d.get('cpu_count', '?'))} CPU cores",
+            f"TF {m.get('tensorflow', d.get('tensorflow', '?'))}"]
+    for key in ("seeds_done", "seeds", "epochs", "repeats"):
+        if key in d:
+            bits.append(f"{key.replace('_', ' ')} {d[key]}")
+    if "loadavg_1min" in d:
+        bits.append(f"load average {d['loadavg_1min']:.1f} while measuring")
+    if d.get("written"):
+        bits.append(f"written {d['written']}")
+    return ", ".join(bits)
+
+
+def _step_time_table(d: dict) -> str:
+    lines = [f"{'configuration':<18}{'median ms':>10}{'ratio':>8}{'target':>8}"]
+    for name, r in d["rows"].items():
+        target = "" if r.get("target") is None else f"≤{r['target']:.2f}"
+        lines.append(f"{name:<18}{r['median_ms']:>10.1f}{r['ratio']:>7.2f}×{target:>8}")
+    return "\n".join(lines)
+
+
+def render() -> str:
+    out = [START, ""]
+    for fname, title, command in SECTIONS:
+        path = os.path.join(RESULTS, fname)
+        if not os.path.exists(path):
+            out += [f"### {title}", "", f"Not run yet: `{command}`.", ""]
+            continue
+        with open(path) as f:
+            d = json.load(f)
+        table = d.get("table") or (_step_time_table(d) if "rows" in d else "")
+        out += [f"### {title}", "", f"`{command}` — {_describe(d)}.", "", "```", table.rstrip(),
+                "```", ""]
+    out.append(END)
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--print", action="store_true")
+    args = p.parse_args(argv)
+    block = render()
+    if args.print:
+        print(block)
+        return
+    with open(README) as f:
+        text = f.read()
+    if START not in text or END not in text:
+        raise SystemExit(f"README has no {START} ... {END} block")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    with open(README, "w") as f:
+        f.write(head + block + tail)
+    print(f"updated {README}")
+
+
+if __name__ == "__main__":
+    main()
