@@ -25,7 +25,8 @@ Measured on this network (ste_sign, seed 0, 60k images, 1 epoch): l = 1e-4 drove
 from 0.045 to 0.29 and test accuracy from 78.8% to 66.7% (approx_sign 78.1% -> 70.6%); l = 1e-3
 cost foothill_sign 7 points already after 15k images. ``--strength`` changes it.
 
-    python benchmarks/bnn.py            # full: 3 seeds, 60k images, 1 epoch (~15 min on 2 free cores)
+    python benchmarks/bnn.py            # full: 3 seeds, 60k images, 1 epoch (1,258 CPU-s measured:
+                                        #   ~11-15 min on 2 free cores; 34 min on a shared machine)
     python benchmarks/bnn.py --quick    # smoke: 1 seed, 2k images, 1 epoch (~1-2 min)
 
 Writes benchmarks/results/bnn[_quick].json and .png (bar chart, error bars = std over seeds).
