@@ -44,9 +44,11 @@ def eager_and_graph_mode(request):
             yield request.param
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def distribute_scope():
-    """A MirroredStrategy over the two virtual CPU devices."""
+    """A MirroredStrategy over the two virtual CPU devices, one per test session: two strategy
+    objects in one process number their collective ops from the same start and can collide
+    ("Shape mismatch in the collective instance 100")."""
     devices = [d.name for d in tf.config.list_logical_devices("CPU")][:2]
     if len(devices) < 2:
         pytest.skip("two logical CPU devices are not available")
