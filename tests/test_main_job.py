@@ -1,0 +1,35 @@
+"""The README's main job (`tfqreg run`), end to end on real Fashion-MNIST in its quick mode."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tfqreg import cli
+
+
+@pytest.mark.slow
+def test_main_job_quick_end_to_end(data_dir, tfds_dir, tmp_path, capsys):
+    results, export_dir = tmp_path / "runs", tmp_path / "export"
+    assert cli.main(["run", "--quick", "--data-dir", data_dir, "--tfds-dir", tfds_dir,
+                     "--results", str(results), "--export-dir", str(export_dir)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads((results / "summary.json").read_text())
+    acc = summary["accuracy"]
+    assert set(acc) == {"plain", "linf"}
+    for row in acc.values():
+        assert 0.3 < row["fp32"] <= 1.0  # trained on 2,000 images for one epoch: above chance
+        assert abs(row["W8pc"] - row["fp32"]) < 0.02  # 8-bit PTQ is nearly lossless
+    assert summary["regularizer"]["class_name"].endswith("LInf")
+    assert os.path.getsize(results / "accuracy_vs_bits.png") > 10_000
+    # the exported artifacts exist, and the C array holds the .tflite's bytes
+    tflite = (export_dir / "small_cnn_int8.tflite").read_bytes()
+    assert tflite[4:8] == b"TFL3"
+    cc = (export_dir / "small_cnn_model_data.cc").read_text()
+    assert "alignas(16)" in cc and "kTensorArenaSize" in (
+        export_dir / "small_cnn_model_data.h").read_text() + cc
+    assert summary["export"]["arena_measured"] > 0
+    assert 0.3 < summary["export"]["int8_accuracy"] <= 1.0
+    assert "accuracy (%) on the test set" in out
+    assert np.isfinite(summary["train_seconds"]["plain"])
