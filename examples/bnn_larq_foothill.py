@@ -13,24 +13,15 @@ so the classifier head is written as convolutions (a 5x5 conv over the 5x5 map =
 
 Data: $TFQREG_DATA_DIR or ../shared/data. Writes tflite_models/examples/bnn_larq_foothill/.
 """
-import argparse
 import os
 
-import tfqreg  # first: makes tf.keras Keras 2 (larq needs it)
+import _setup  # first: parses --quick, loads Fashion-MNIST (imports tfqreg: Keras 2)
 import tfqreg.quantizers  # noqa: F401  (registers "foothill_sign")
 import larq as lq  # noqa: E402  (after tfqreg)
 from tfqreg import export, regularizers
 from tfqreg._keras import keras
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser()
-p.add_argument("--quick", action="store_true")
-args = p.parse_args()
-files = os.environ.get("TFQREG_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
-(x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", files)
-if args.quick:
-    (x, y), (xt, yt) = (x[:2000], y[:2000]), (xt[:1000], yt[:1000])
-out = os.path.join(REPO, "tflite_models", "examples", "bnn_larq_foothill")
+args, (x, y), (xt, yt), out = _setup.start("bnn_larq_foothill")
 
 keras.utils.set_random_seed(0)
 binary = dict(kernel_quantizer="foothill_sign", kernel_constraint="weight_clip", use_bias=False,
@@ -51,7 +42,6 @@ model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["
 model.fit(x, y, epochs=1 if args.quick else 3, batch_size=128, verbose=2)
 print(f"Keras test accuracy: {model.evaluate(xt, yt, verbose=0)[1]:.4f}")
 
-os.makedirs(out, exist_ok=True)
 model.save(os.path.join(out, "bnn_foothill.keras"))
 lce = export.to_lce(model, sample=xt[:500], path=os.path.join(out, "bnn_foothill_lce.tflite"))
 print(lce.report)  # ops (LceBconv2d ...), sizes, parity vs Keras in LCE's interpreter

@@ -12,23 +12,14 @@ runs only when it is on PATH; the report says whether it did.)
 
 Data: $TFQREG_DATA_DIR or ../shared/data. Writes tflite_models/examples/edgetpu_export/.
 """
-import argparse
 import json
 import os
 
-import tfqreg  # first: makes tf.keras Keras 2
+import _setup  # first: parses --quick, loads Fashion-MNIST (imports tfqreg: Keras 2)
 from tfqreg import edgetpu, export, models
 from tfqreg._keras import keras
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser()
-p.add_argument("--quick", action="store_true")
-args = p.parse_args()
-files = os.environ.get("TFQREG_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
-(x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", files)
-if args.quick:
-    (x, y), (xt, yt) = (x[:2000], y[:2000]), (xt[:1000], yt[:1000])
-out = os.path.join(REPO, "tflite_models", "examples", "edgetpu_export")
+args, (x, y), (xt, yt), out = _setup.start("edgetpu_export")
 
 keras.utils.set_random_seed(0)
 model = models.small_cnn()

@@ -14,22 +14,12 @@ of the int8 model run in TFLite Micro's interpreter.
 
 Data: $TFQREG_DATA_DIR or ../shared/data. Writes tflite_models/examples/micro_export/.
 """
-import argparse
-import os
 
-import tfqreg  # first: makes tf.keras Keras 2
+import _setup  # first: parses --quick, loads Fashion-MNIST (imports tfqreg: Keras 2)
 from tfqreg import export, micro, models
 from tfqreg._keras import keras
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser()
-p.add_argument("--quick", action="store_true")
-args = p.parse_args()
-files = os.environ.get("TFQREG_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
-(x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", files)
-if args.quick:
-    (x, y), (xt, yt) = (x[:2000], y[:2000]), (xt[:300], yt[:300])
-out = os.path.join(REPO, "tflite_models", "examples", "micro_export")
+args, (x, y), (xt, yt), out = _setup.start("micro_export", quick_test=300)
 
 keras.utils.set_random_seed(0)
 model = models.small_cnn()

@@ -12,23 +12,13 @@ then saves the QAT model (.h5) and reloads it under ``quantization.quantize_scop
 
 Data: $TFQREG_DATA_DIR or ../shared/data. Writes tflite_models/examples/qat_tfmot_nbit/.
 """
-import argparse
 import os
 
-import tfqreg  # first: makes tf.keras Keras 2
+import _setup  # first: parses --quick, loads Fashion-MNIST (imports tfqreg: Keras 2)
 from tfqreg import models, ptq, quantization
 from tfqreg._keras import keras
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser()
-p.add_argument("--quick", action="store_true")
-args = p.parse_args()
-files = os.environ.get("TFQREG_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
-(x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", files)
-if args.quick:
-    (x, y), (xt, yt) = (x[:2000], y[:2000]), (xt[:1000], yt[:1000])
-out = os.path.join(REPO, "tflite_models", "examples", "qat_tfmot_nbit")
-os.makedirs(out, exist_ok=True)
+args, (x, y), (xt, yt), out = _setup.start("qat_tfmot_nbit")
 epochs = 1 if args.quick else 2
 
 keras.utils.set_random_seed(0)

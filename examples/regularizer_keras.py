@@ -11,23 +11,13 @@ post-training quantizes both at 8..2 weight bits (one step per tensor, 8-bit act
 
 Data: $TFQREG_DATA_DIR or ../shared/data. Writes tflite_models/examples/regularizer_keras/.
 """
-import argparse
 import os
 
-import tfqreg  # first: makes tf.keras Keras 2
+import _setup  # first: parses --quick, loads Fashion-MNIST (imports tfqreg: Keras 2)
 from tfqreg import ptq, regularizers
 from tfqreg._keras import keras
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-p = argparse.ArgumentParser()
-p.add_argument("--quick", action="store_true")
-args = p.parse_args()
-files = os.environ.get("TFQREG_DATA_DIR") or os.path.join(REPO, "..", "shared", "data")
-(x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", files)
-if args.quick:
-    (x, y), (xt, yt) = (x[:2000], y[:2000]), (xt[:1000], yt[:1000])
-out = os.path.join(REPO, "tflite_models", "examples", "regularizer_keras")
-os.makedirs(out, exist_ok=True)
+args, (x, y), (xt, yt), out = _setup.start("regularizer_keras")
 
 
 def cnn(reg, name):  # plain Keras layers; `reg` is any Keras kernel_regularizer

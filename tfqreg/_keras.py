@@ -118,4 +118,3 @@ register = keras.utils.register_keras_serializable(package="tfqreg")
 
 __all__ = ["keras", "tf", "check_keras2", "register"]
 
-del sys
