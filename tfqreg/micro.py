@@ -129,6 +129,16 @@ def _micro_interpreter(flat: bytes, arena_size: Optional[int]):
     return runtime.Interpreter.from_bytes(flat, arena_size=arena_size)
 
 
+def _invoke_on_zeros(flat: bytes, graph, arena_size: int):
+    """A TFLite Micro interpreter with ``arena_size`` bytes, run once on all-zero inputs."""
+    it = _micro_interpreter(flat, arena_size)
+    for k, i in enumerate(graph.inputs):
+        t = graph.tensor(i)
+        it.set_input(np.zeros(t.shape, dtype=np.dtype(t.dtype)), k)
+    it.invoke()
+    return it
+
+
 def measure_arena(tflite_model, arena_size: Optional[int] = None) -> int:
     """Bytes of tensor arena TFLite Micro uses for ``tflite_model`` (after one inference).
 
@@ -144,11 +154,7 @@ def measure_arena(tflite_model, arena_size: Optional[int] = None) -> int:
     arena_size = arena_size or max(len(flat) * 10, 64 * 1024)
     with _CaptureFd2() as log:
         try:
-            it = _micro_interpreter(flat, arena_size)
-            for k, i in enumerate(graph.inputs):
-                t = graph.tensor(i)
-                it.set_input(np.zeros(t.shape, dtype=np.dtype(t.dtype)), k)
-            it.invoke()
+            it = _invoke_on_zeros(flat, graph, arena_size)
             it.print_allocations()
             err = None
         except Exception as e:  # TFLite Micro raises RuntimeError with little detail
@@ -168,11 +174,7 @@ def micro_runs_with(tflite_model, arena_size: int) -> bool:
     graph = read_tflite(flat)
     with _CaptureFd2():
         try:
-            it = _micro_interpreter(flat, arena_size)
-            for k, i in enumerate(graph.inputs):
-                t = graph.tensor(i)
-                it.set_input(np.zeros(t.shape, dtype=np.dtype(t.dtype)), k)
-            it.invoke()
+            _invoke_on_zeros(flat, graph, arena_size)
             return True
         except Exception:
             return False
