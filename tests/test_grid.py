@@ -172,6 +172,21 @@ def test_channel_axes_for_layers():
     assert grid.channel_axes_for(keras.layers.BatchNormalization()) is None
 
 
+@pytest.mark.parametrize("cls,shape", [(keras.layers.Conv1DTranspose, (6, 3)),
+                                       (keras.layers.Conv2DTranspose, (6, 6, 3))])
+def test_transposed_conv_steps_are_per_output_filter(cls, shape):
+    # Transposed-conv kernels are (..., filters, in_channels): one step per *filter*, not per
+    # input channel, so every output channel gets the grid that its own weights need.
+    layer = cls(5, 3)
+    layer.build((None,) + shape)
+    kernel = layer.kernel.numpy()
+    axes = grid.channel_axes_for(layer)
+    assert kernel.shape[axes[0]] == 5
+    step = grid.default_step(tf.constant(kernel), 4, axes).numpy()
+    reduce = tuple(i for i in range(kernel.ndim) if i != kernel.ndim - 2)
+    np.testing.assert_allclose(step.ravel(), np.abs(kernel).max(axis=reduce) / 7, rtol=1e-6)
+
+
 def test_eight_bit_default_step_is_tflite_symmetric_int8(w):
     step = grid.default_step(tf.constant(w), 8, (-1,)).numpy()
     k = grid.quantize_indices(tf.constant(w), step, 8).numpy()

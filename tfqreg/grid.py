@@ -180,12 +180,16 @@ def fake_quant_activation(x, x_min, x_max, bits: int = 8, narrow_range: bool = F
 
 
 def channel_axes_for(layer) -> Optional[Tuple[int, ...]]:
-    """Per-channel axes of a layer's kernel: the output-channel axis of Dense/Conv kernels,
+    """Per-channel axes of a layer's kernel: the output-channel axis of Dense/Conv kernels
+    (``-1``; ``-2`` for transposed convolutions, whose kernels are ``(..., out, in)``),
     ``(2, 3)`` (input channel × multiplier) for depthwise kernels, ``None`` for other layers."""
     from tfqreg._keras import keras  # local: grid stays importable without building layers
 
     if isinstance(layer, keras.layers.DepthwiseConv2D):
         return (2, 3)
+    if isinstance(layer, (keras.layers.Conv1DTranspose, keras.layers.Conv2DTranspose,
+                          keras.layers.Conv3DTranspose)):
+        return (-2,)
     if isinstance(layer, (keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
                           keras.layers.Dense)):
         return (-1,)
