@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
@@ -21,17 +21,9 @@ from tfqreg import datasets  # noqa: E402
 from tfqreg._keras import keras, tf  # noqa: E402
 
 
-def files_dir() -> Optional[str]:
-    env = os.environ.get(datasets.ENV_VAR)
-    if env:
-        return env
-    shared = os.path.join(os.path.dirname(REPO), "shared", "data")
-    return shared if os.path.isdir(shared) else None
-
-
 def load(name: str = "fashion_mnist", quick: bool = False):
     """``(x, y), (xt, yt)``; ``quick`` keeps 2,000 training and 1,000 test images."""
-    (x, y), (xt, yt) = datasets.load_numpy(name, files_dir())
+    (x, y), (xt, yt) = datasets.load_numpy(name, datasets.local_files_dir())
     if quick:
         return (x[:2000], y[:2000]), (xt[:1000], yt[:1000])
     return (x, y), (xt, yt)

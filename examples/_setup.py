@@ -17,8 +17,7 @@ def start(name: str, quick_test: int = 1000):
     p = argparse.ArgumentParser()
     p.add_argument("--quick", action="store_true", help="2k images, 1 epoch (smoke test)")
     args = p.parse_args()
-    files = (os.environ.get(tfqreg.datasets.ENV_VAR)
-             or os.path.join(REPO, "..", "shared", "data"))
+    files = tfqreg.datasets.local_files_dir()
     (x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", files)
     if args.quick:
         (x, y), (xt, yt) = (x[:2000], y[:2000]), (xt[:quick_test], yt[:quick_test])

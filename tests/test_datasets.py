@@ -99,6 +99,22 @@ def test_files_dir_from_environment(data_dir, tmp_path, monkeypatch):
         datasets.find_files_dir("mnist")
 
 
+def test_local_files_dir_order(tmp_path, monkeypatch):
+    monkeypatch.delenv(datasets.ENV_VAR, raising=False)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    # no argument, no variable, no shared/data beside cwd: only the checkout's sibling counts
+    checkout_shared = Path(datasets.__file__).resolve().parent.parent.parent / "shared" / "data"
+    expected = str(checkout_shared) if checkout_shared.is_dir() else None
+    assert datasets.local_files_dir() == expected
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    assert datasets.local_files_dir() == str(tmp_path / "shared" / "data")  # beside cwd first
+    monkeypatch.setenv(datasets.ENV_VAR, "/from/env")
+    assert datasets.local_files_dir() == "/from/env"
+    assert datasets.local_files_dir("/from/arg") == "/from/arg"
+
+
 def test_bad_arguments(data_dir):
     with pytest.raises(ValueError, match="`name`"):
         datasets.load("cifar10", files_dir=data_dir)

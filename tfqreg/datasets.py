@@ -30,7 +30,8 @@ import numpy as np
 
 from tfqreg._keras import tf
 
-__all__ = ["DATASETS", "FILES", "ENV_VAR", "find_files_dir", "load", "load_numpy"]
+__all__ = ["DATASETS", "FILES", "ENV_VAR", "find_files_dir", "local_files_dir", "load",
+           "load_numpy"]
 
 DATASETS = ("mnist", "fashion_mnist")
 FILES = (
@@ -47,6 +48,24 @@ def _check_name(name: str) -> str:
     if name not in DATASETS:
         raise ValueError(f"`name` must be one of {DATASETS}, got {name!r}.")
     return name
+
+
+def local_files_dir(files_dir: Optional[str] = None) -> Optional[str]:
+    """``files_dir`` for the scripts that ship with tfqreg (main job, examples, benchmarks).
+
+    Returns ``files_dir`` or ``$TFQREG_DATA_DIR`` when either is set; else a ``shared/data``
+    folder beside the working directory or beside the source checkout (the layout of the
+    offline machines tfqreg is developed on), if one exists; else ``None`` (download as usual).
+    The library's own loaders never look for that folder by themselves.
+    """
+    if files_dir or os.environ.get(ENV_VAR):
+        return files_dir or os.environ[ENV_VAR]
+    checkout = Path(__file__).resolve().parent.parent
+    for base in (Path.cwd(), checkout):
+        candidate = base.parent / "shared" / "data"
+        if candidate.is_dir():
+            return str(candidate)
+    return None
 
 
 def find_files_dir(name: str, files_dir: Optional[str] = None) -> Optional[Path]:

@@ -54,16 +54,6 @@ def add_arguments(parser) -> None:
                         help="smoke run: 2,000 training and 1,000 test images, 1 epoch")
 
 
-def _default_files_dir(arg: Optional[str]) -> Optional[str]:
-    if arg or os.environ.get(datasets.ENV_VAR):
-        return arg
-    for base in (os.getcwd(), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))):
-        candidate = os.path.join(os.path.dirname(base), "shared", "data")
-        if os.path.isdir(candidate):
-            return candidate
-    return None
-
-
 def _regularizer(alias: str, strength: Optional[float]):
     reg = keras.regularizers.get(alias)
     if reg is None:
@@ -132,7 +122,7 @@ def run(data: str = "fashion_mnist", data_dir: Optional[str] = None,
     if epochs < 1:
         raise ValueError(f"`epochs` must be >= 1, got {epochs}.")
     reg = _regularizer(regularizer, strength)
-    files = _default_files_dir(data_dir)
+    files = datasets.local_files_dir(data_dir)
     print(f"[1/4] loading {data} ({'from ' + files if files else 'tensorflow-datasets'})")
     (x, y), (xt, yt) = datasets.load_numpy(data, files, tfds_dir)
     if quick:

@@ -34,7 +34,7 @@ import numpy as np
 from tfqreg import grid, training
 from tfqreg._keras import check_keras2, keras, register, tf
 from tfqreg.compression import pruning
-from tfqreg.compression.fileformat import (CompressedModel, TfqzError, coded_kernels,
+from tfqreg.compression.fileformat import (CompressedModel, coded_kernels,
                                            decode_model, encode_model, quantize_weights)
 from tfqreg.compression.report import CompressionReport
 
