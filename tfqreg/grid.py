@@ -43,6 +43,7 @@ __all__ = [
     "fake_quant_ste",
     "fake_quant_activation",
     "channel_axes_for",
+    "check_quant_args",
 ]
 
 _TINY = 1e-30  # smallest step used, so that an all-zero tensor quantizes to zeros, not NaN
@@ -60,6 +61,22 @@ def check_bits(bits, low: int = 1, high: int = 16, name: str = "bits") -> int:
     if not low <= int(bits) <= high:
         raise ValueError(f"`{name}` must be in {low}..{high}, got {bits}.")
     return int(bits)
+
+
+def check_quant_args(weight_bits=None, activation_bits=None, per_channel=None,
+                     narrow_range=None) -> None:
+    """The shared check of PTQ and QAT arguments; ``None`` means "not given" and passes.
+
+    Raises:
+        TypeError: a bit width is not an integer, or a flag is not a bool.
+        ValueError: a bit width is outside 2..16.
+    """
+    for name, bits in (("weight_bits", weight_bits), ("activation_bits", activation_bits)):
+        if bits is not None:
+            check_bits(bits, low=2, high=16, name=name)
+    for name, value in (("per_channel", per_channel), ("narrow_range", narrow_range)):
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
 
 
 def qrange(bits: int, narrow_range: bool = False) -> Tuple[int, int]:

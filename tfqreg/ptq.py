@@ -81,13 +81,7 @@ def _check_args(model=None, weight_bits=None, activation_bits=None, per_channel=
             raise ValueError(
                 "`model` has no quantizable layer (Dense, Conv1D/2D/3D or DepthwiseConv2D "
                 "without a larq kernel_quantizer).")
-    if weight_bits is not None:
-        grid.check_bits(weight_bits, low=2, high=16, name="weight_bits")
-    if activation_bits is not None:
-        grid.check_bits(activation_bits, low=2, high=16, name="activation_bits")
-    for name, value in (("per_channel", per_channel), ("narrow_range", narrow_range)):
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    grid.check_quant_args(weight_bits, activation_bits, per_channel, narrow_range)
 
 
 def _excluded_types():

@@ -104,20 +104,29 @@ def _check_args(
     weight_bits_required: bool = True,
 ):
     """The one argument check of this module; raises naming the argument."""
-    if weight_bits is not None or weight_bits_required:
-        grid.check_bits(weight_bits, low=2, high=16, name="weight_bits")
-    if activation_bits is not None:
-        grid.check_bits(activation_bits, low=2, high=16, name="activation_bits")
-    for name, value in (("per_channel", per_channel), ("narrow_range", narrow_range)):
-        if value is not None and not isinstance(value, bool):
-            raise TypeError(f"`{name}` must be a bool, got {value!r}.")
+    if weight_bits is None and weight_bits_required:
+        grid.check_bits(weight_bits, low=2, high=16, name="weight_bits")  # raises: required
+    grid.check_quant_args(weight_bits, activation_bits, per_channel, narrow_range)
     if ema_decay is not None and not (0.0 <= float(ema_decay) < 1.0):
         raise ValueError(f"`ema_decay` must be in [0, 1), got {ema_decay}.")
 
 
 # ----------------------------------------------------------------------------- quantizers
+class _EqualByConfig:
+    """Equal when of the same class with the same ``get_config()`` (TFMOT compares configs and
+    quantizers with ``==`` when it clones a model); unhashable, as mutable Keras objects are."""
+
+    def __eq__(self, other):
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __ne__(self, other):
+        return not self == other
+
+    __hash__ = None
+
+
 @register
-class WeightQuantizer(_tfmot_q.quantizers.Quantizer):
+class WeightQuantizer(_EqualByConfig, _tfmot_q.quantizers.Quantizer):
     """Symmetric n-bit weight quantizer on the tfqreg grid (a TFMOT ``Quantizer``).
 
     Forward ``Q(w) = δ·clip(round(w/δ), q_min, q_max)`` with ``δ`` = :func:`grid.default_step`
@@ -161,17 +170,9 @@ class WeightQuantizer(_tfmot_q.quantizers.Quantizer):
         return {"bits": self.bits, "per_channel": self.per_channel,
                 "narrow_range": self.narrow_range, "channel_axes": list(self.channel_axes)}
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
-    __hash__ = None
-
 
 @register
-class ActivationQuantizer(_tfmot_q.quantizers.Quantizer):
+class ActivationQuantizer(_EqualByConfig, _tfmot_q.quantizers.Quantizer):
     """Asymmetric n-bit activation quantizer with a moving calibrated range (TFMOT ``Quantizer``).
 
     Creates two non-trainable weights ``{name}_min`` / ``{name}_max`` and a flag
@@ -222,17 +223,9 @@ class ActivationQuantizer(_tfmot_q.quantizers.Quantizer):
         return {"bits": self.bits, "narrow_range": self.narrow_range,
                 "ema_decay": self.ema_decay}
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
-    __hash__ = None
-
 
 # ----------------------------------------------------------------------------- quantize configs
-class LayerQuantizeConfig(_tfmot_q.QuantizeConfig):
+class LayerQuantizeConfig(_EqualByConfig, _tfmot_q.QuantizeConfig):
     """Base of the tfqreg n-bit ``QuantizeConfig``s: kernel → :class:`WeightQuantizer`,
     post-activation output → :class:`ActivationQuantizer` (none if ``activation_bits=None``).
 
@@ -320,14 +313,6 @@ class LayerQuantizeConfig(_tfmot_q.QuantizeConfig):
         return {"weight_bits": self.weight_bits, "activation_bits": self.activation_bits,
                 "per_channel": self.per_channel, "narrow_range": self.narrow_range}
 
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
-    __hash__ = None
-
 
 @register
 class DenseQuantizeConfig(LayerQuantizeConfig):
@@ -355,7 +340,7 @@ class DepthwiseConv2DQuantizeConfig(LayerQuantizeConfig):
 
 
 @register
-class OutputQuantizeConfig(_tfmot_q.QuantizeConfig):
+class OutputQuantizeConfig(_EqualByConfig, _tfmot_q.QuantizeConfig):
     """Quantizes only a layer's output with an :class:`ActivationQuantizer` (no weights).
 
     :func:`quantize_model` uses it instead of TFMOT's default 8-bit config for the weight-free
@@ -389,14 +374,6 @@ class OutputQuantizeConfig(_tfmot_q.QuantizeConfig):
 
     def get_config(self):
         return {"activation_bits": self.activation_bits}
-
-    def __eq__(self, other):
-        return type(other) is type(self) and other.get_config() == self.get_config()
-
-    def __ne__(self, other):
-        return not self == other
-
-    __hash__ = None
 
 
 def _output_only(registry, layer) -> bool:
