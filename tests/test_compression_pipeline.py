@@ -136,7 +136,7 @@ def test_grid_monitor_measures_distance_in_steps():
         s = float(step.numpy())
         k = rng.integers(-6, 7, size=kernel.shape).astype(np.float32)
         kernel.assign(s * k + 0.25 * s)  # a quarter step off the grid everywhere
-    monitor = pipeline.GridMonitor(term, {})
+    monitor = pipeline._GridMonitor(term, {})
     assert monitor.grid_rms() == pytest.approx(0.25, rel=1e-3)
 
 

@@ -42,7 +42,6 @@ from tfqreg.compression.fileformat import (  # noqa: F401
 from tfqreg.compression.pipeline import (  # noqa: F401
     CompressionResult,
     Compressor,
-    GridMonitor,
     compress,
     learned_steps,
 )
@@ -55,7 +54,6 @@ __all__ = [
     "CompressionReport",
     "CompressionResult",
     "Compressor",
-    "GridMonitor",
     "PruningMask",
     "apply_masks",
     "compress",

@@ -38,7 +38,7 @@ from tfqreg.compression.fileformat import (CompressedModel, coded_kernels,
                                            decode_model, encode_model, quantize_weights)
 from tfqreg.compression.report import CompressionReport
 
-__all__ = ["GridMonitor", "CompressionResult", "Compressor", "compress", "learned_steps"]
+__all__ = ["CompressionResult", "Compressor", "compress", "learned_steps"]
 
 Data = Union["tf.data.Dataset", Tuple[np.ndarray, np.ndarray]]
 
@@ -96,7 +96,7 @@ def learned_steps(terms, model) -> Dict[str, np.ndarray]:
     return out
 
 
-class GridMonitor(keras.callbacks.Callback):
+class _GridMonitor(keras.callbacks.Callback):
     """Tracks how far the kernels are from their learned grid, in units of δ: after every epoch
     ``grid_rms = sqrt(mean(((w − Q_δ(w)) / δ)²))`` over the kept (unpruned) weights (0 on the
     grid, about 0.29 for weights spread uniformly between grid points). Stops training when it
@@ -191,7 +191,8 @@ class Compressor:
         loss, metrics: compiled into every stage (the metric ``"accuracy"`` is what the report
             records).
         mode: ``"auto"`` / ``"sparse"`` / ``"dense"`` coding of the zeros.
-        grid_tol: stop stage 3 early once :class:`GridMonitor`'s ``grid_rms`` is below it.
+        grid_tol: stop stage 3 early once the per-epoch ``grid_rms`` (RMS distance of the kept
+            weights to their grid, in steps) is below it.
         steps_per_epoch: limit the batches per epoch (smoke runs).
         per_layer_terms: one learnable term (own α, R normalised by the layer's size) per
             layer instead of one for the whole model. With one shared term the mean over all
@@ -349,7 +350,7 @@ class Compressor:
         self._compile(trainer, self.quant_learning_rate)
         kernels = coded_kernels(model, self.layers)
         by_var = {id(kernels[k][1]): m for k, m in masks.items() if k in kernels}
-        monitor = GridMonitor(terms, by_var, self.grid_tol)
+        monitor = _GridMonitor(terms, by_var, self.grid_tol)
         history = self._fit(trainer, data, self.quant_epochs,
                             callbacks=[pruning.PruningMask(masks, model=model), monitor])
         if monitor.values:
