@@ -112,8 +112,11 @@ def _plot(agg, hists, path):
             s = np.array([100 * by[gran][c]["std"] for c in COLUMNS[:-1]])
             line, = ax.plot(xs, m, "o-", label=name, ms=3)
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.15)
+            # W4A4 as a hollow marker at the 4-bit position (activations quantized too)
+            ax.plot([xs.index("4")], [100 * by[gran]["W4A4"]["mean"]], "o", mfc="none",
+                    color=line.get_color(), ms=7)
         ax.set_title(f"PTQ, {gran.replace('_', '-')} weights, 8-bit activations")
-        ax.set_xlabel("weight bits")
+        ax.set_xlabel("weight bits (hollow marker at 4: W4A4)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Fashion-MNIST test accuracy (%)")
     axes[1].legend(fontsize=7, loc="lower left")
@@ -125,9 +128,16 @@ def _plot(agg, hists, path):
     cols = 3
     rows = int(np.ceil(len(names) / cols))
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.6 * rows))
+    base = hists.get("plain")
     for ax, name in zip(np.ravel(axes), names):
         w = hists[name]
-        ax.hist(w, bins=101, color="C0", log=True)
+        edges = np.linspace(-1, 1, 102) * max(np.abs(w).max(), 0 if base is None else
+                                              np.abs(base).max())
+        ax.hist(w, bins=edges, color="C0", log=True, label=name)
+        if base is not None and name != "plain":  # before (plain training) vs after
+            ax.hist(base, bins=edges, histtype="step", color="0.35", log=True, lw=0.8,
+                    label="plain")
+            ax.legend(fontsize=6, loc="upper right")
         ax.set_title(f"{name}: fc1 kernel, max|w| {np.abs(w).max():.3f}", fontsize=8)
     for ax in np.ravel(axes)[len(names):]:
         ax.axis("off")
@@ -138,7 +148,7 @@ def _plot(agg, hists, path):
     return path, hist_path
 
 
-def _report(args, seeds, epochs, x, xt, per_seed, seconds, done):
+def _report(args, seeds, epochs, x, xt, per_seed, seconds, done, wall):
     """Aggregate the seeds done so far and write the JSON (after every seed, so a long run
     that is cut off still leaves its results)."""
     names = [n for n in per_seed if len(per_seed[n]) >= done]
@@ -151,7 +161,8 @@ def _report(args, seeds, epochs, x, xt, per_seed, seconds, done):
         "seeds_planned": seeds, "seeds_done": done, "epochs": epochs,
         "batch_size": args.batch_size, "optimizer": "Adam(1e-3)", "train_examples": len(x),
         "test_examples": len(xt), "columns": COLUMNS, "aggregate": agg, "per_seed": per_seed,
-        "train_seconds": {n: mean_std(s) for n, s in seconds.items() if s}, "table": text})
+        "train_seconds": {n: mean_std(s) for n, s in seconds.items() if s},
+        "wall_seconds": round(wall, 1), "table": text})
     return agg, text, path
 
 
@@ -174,11 +185,13 @@ def main(argv=None):
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {list(builders)}")
 
+    start = time.perf_counter()
     per_seed: Dict[str, List[dict]] = {n: [] for n in names}
     hists, seconds = {}, {n: [] for n in names}
     for seed in range(seeds):
         for name in names:
-            print(f"== seed {seed} / {name}", flush=True)
+            print(f"== seed {seed} / {name}  ({(time.perf_counter() - start) / 60:.1f} min)",
+                  flush=True)
             seed_all(seed)
             model = builders[name]()
             t0 = time.perf_counter()
@@ -195,7 +208,8 @@ def main(argv=None):
                   f"W4A4 pc {100 * r['per_channel']['W4A4']:.2f}", flush=True)
 
             keras.backend.clear_session()
-        agg, text, path = _report(args, seeds, epochs, x, xt, per_seed, seconds, seed + 1)
+        agg, text, path = _report(args, seeds, epochs, x, xt, per_seed, seconds, seed + 1,
+                                  time.perf_counter() - start)
         png, hist_png = _plot(agg, hists, path.replace(".json", ".png"))
     print(text)
     print(f"wrote {path}, {png}, {hist_png}")
