@@ -73,6 +73,17 @@ def method_builders(epochs: int) -> Dict[str, Callable[[], keras.Model]]:
     }
 
 
+def extra_builders() -> Dict[str, Callable[[], keras.Model]]:
+    """Rows outside the standard table (``--methods`` only): stronger gradient-ℓ1 settings,
+    switched on after the first epoch (from scratch, λ ≥ 1e-2 collapses training)."""
+    def gl1(lam, start_epoch):
+        return lambda: training.TrainingModel(
+            models.small_cnn(), [training.GradientL1(lambda_w=lam, lambda_a=lam,
+                                                     start_epoch=start_epoch)])
+    return {"gradient_l1_1e-3_late": gl1(1e-3, 1), "gradient_l1_1e-2_late": gl1(1e-2, 1),
+            "gradient_l1_3e-2_late": gl1(3e-2, 1)}
+
+
 def evaluate(model: keras.Model, xt, yt, calib) -> Dict[str, Dict[str, float]]:
     out = {}
     for gran, per_channel in (("per_channel", True), ("per_tensor", False)):
@@ -155,7 +166,7 @@ def _report(args, seeds, epochs, x, xt, per_seed, seconds, done, wall):
     agg = {n: {g: {c: mean_std([r[g][c] for r in per_seed[n][:done]]) for c in COLUMNS}
                for g in ("per_channel", "per_tensor")} for n in names}
     text = "\n\n".join(_table(agg, g) for g in ("per_channel", "per_tensor"))
-    suffix = "_quick" if args.quick else ""
+    suffix = (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
     path = write_json(f"robustness{suffix}.json", {
         "benchmark": "robustness", "data": args.data, "quick": args.quick,
         "seeds_planned": seeds, "seeds_done": done, "epochs": epochs,
@@ -173,14 +184,19 @@ def main(argv=None):
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data", default="fashion_mnist")
-    p.add_argument("--methods", nargs="*", default=None)
+    p.add_argument("--methods", nargs="*", default=None,
+                   help="rows to train (default: the standard table); also "
+                        + ", ".join(extra_builders()))
+    p.add_argument("--tag", default=None,
+                   help="write robustness_<tag>.json/png instead of robustness.json")
     args = p.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
     epochs = args.epochs or (1 if args.quick else 3)
     (x, y), (xt, yt) = common.load(args.data, quick=args.quick)
     calib = x[:512]
-    builders = method_builders(epochs)
-    names = args.methods or list(builders)
+    standard = method_builders(epochs)
+    builders = {**standard, **extra_builders()}
+    names = args.methods or list(standard)
     unknown = set(names) - set(builders)
     if unknown:
         p.error(f"unknown methods {sorted(unknown)}; choose from {list(builders)}")

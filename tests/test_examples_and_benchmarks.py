@@ -146,6 +146,19 @@ def test_example_micro_export(data_dir):
 
 
 # ---------------------------------------------------------------------------------- benchmarks
+def test_benchmark_robustness_extra_rows_late_start(data_dir):
+    # an extra (non-standard) row goes to its own tagged file, and its late start shows in the
+    # training log: the gradient-ℓ1 term is exactly 0 in epoch 1 and positive in epoch 2
+    out, t0 = _run("benchmarks/robustness.py", data_dir, 600, "--methods",
+                   "gradient_l1_1e-2_late", "--tag", "smoke", "--epochs", "2")
+    with open(_fresh_file(os.path.join(RESULTS, "robustness_smoke_quick.json"), t0)) as f:
+        res = json.load(f)
+    assert set(res["aggregate"]) == {"gradient_l1_1e-2_late"} and res["epochs"] == 2
+    per_epoch = [float(v) for v in re.findall(r"grad_l1_w: ([0-9.e+-]+)", out)]
+    assert len(per_epoch) == 2 and per_epoch[0] == 0.0 and per_epoch[1] > 0.0, per_epoch
+    _acc_ok(res["aggregate"]["gradient_l1_1e-2_late"]["per_channel"]["fp32"]["mean"])
+
+
 def test_benchmark_robustness_quick(data_dir):
     _, t0 = _run("benchmarks/robustness.py", data_dir, 900)
     with open(_fresh_file(os.path.join(RESULTS, "robustness_quick.json"), t0)) as f:
