@@ -19,7 +19,10 @@ README = os.path.join(os.path.dirname(HERE), "README.md")
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 
 SECTIONS = (
-    ("robustness.json", "Bit-width robustness (benchmark 1)", "python benchmarks/robustness.py --epochs 2"),
+    ("robustness.json", "Bit-width robustness (benchmark 1)", "python benchmarks/robustness.py"),
+    ("robustness_gradient_l1.json", "Gradient-ℓ1 at larger λ, switched on after epoch 1",
+     "python benchmarks/robustness.py --methods gradient_l1_1e-3_late gradient_l1_1e-2_late "
+     "gradient_l1_3e-2_late --seeds 2 --tag gradient_l1"),
     ("bnn.json", "Binary networks (benchmark 2)", "python benchmarks/bnn.py"),
     ("step_time.json", "Training-step overhead (benchmark 3)", "python benchmarks/step_time.py"),
     ("deployment.json", "Deployment (benchmark 4)", "python benchmarks/deployment.py"),
@@ -36,6 +39,8 @@ def _describe(d: dict) -> str:
     for key in ("seeds_done", "seeds", "epochs", "repeats"):
         if key in d:
             bits.append(f"{key.replace('_', ' ')} {d[key]}")
+    if d.get("wall_seconds"):
+        bits.append(f"wall time {d['wall_seconds'] / 60:.0f} min")
     if "loadavg_1min" in d:
         bits.append(f"load average {d['loadavg_1min']:.1f} while measuring")
     if d.get("written"):
