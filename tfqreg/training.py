@@ -459,8 +459,9 @@ class GradientL1(_Term):
             warnings.warn(
                 f"GradientL1: lambda {max(self.lambda_w, self.lambda_a):g} on the SUM of gradient "
                 "magnitudes from step 0 tends to collapse training to chance (λ ≥ 1e-2 did on the "
-                "benchmark CNN). Use start_step/start_epoch (train first, then regularize), a "
-                "smaller λ (1e-4 helped), or reduction='mean'.", stacklevel=2)
+                "benchmark CNN). Use start_step/start_epoch (train first, then regularize: 1e-3 "
+                "from epoch 1 kept FP32 there), a smaller λ (1e-4 is safe from step 0), or "
+                "reduction='mean'.", stacklevel=2)
         self._kernels: List = []
         self._kernel_sizes: List[int] = []
         self._act_layers: List = []
