@@ -15,7 +15,7 @@ Ratios are 32-bit float bytes of all parameters (900,136 B) over (a) our byte ac
 :data:`tfqreg.compression.ACCOUNTING`) and (b) whole files: the ``.tfqz`` file vs the gzipped
 ``.tflite`` (both include the architecture). "Matched accuracy" = at most 0.5 pt below float.
 
-    python benchmarks/compression.py            # full run (~8-10 min on 2 cores)
+    python benchmarks/compression.py            # full run (~9 min on 2 cores)
     python benchmarks/compression.py --quick    # smoke run on 2,000 images, 1 epoch per stage
 
 Writes ``benchmarks/results/compression.json`` (``compression_quick.json`` with ``--quick``).
@@ -50,8 +50,8 @@ def parse(argv=None):
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--per-channel", action="store_true", help="one learned step per channel")
     p.add_argument("--float-epochs", type=int, default=4)
-    p.add_argument("--prune-epochs", type=int, default=2)
-    p.add_argument("--quant-epochs", type=int, default=2)
+    p.add_argument("--prune-epochs", type=int, default=3)
+    p.add_argument("--quant-epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
