@@ -39,10 +39,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder for model.tfqz and report.json")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of each training stage (sets both of the next two)")
-    parser.add_argument("--prune-epochs", type=int, default=2,
-                        help="epochs with the learnable partial L2 (default 2)")
-    parser.add_argument("--quant-epochs", type=int, default=2,
-                        help="epochs of MSQE fine-tuning with the mask fixed (default 2)")
+    parser.add_argument("--prune-epochs", type=int, default=3,
+                        help="epochs with the learnable partial L2 (default 3)")
+    parser.add_argument("--quant-epochs", type=int, default=3,
+                        help="epochs of MSQE fine-tuning with the mask fixed (default 3)")
     parser.add_argument("--float-epochs", type=int, default=4,
                         help="float training of a reference MODEL name (default 4)")
     parser.add_argument("--per-channel", action="store_true", help="one step per channel")

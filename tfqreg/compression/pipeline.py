@@ -202,7 +202,7 @@ class Compressor:
     """
 
     def __init__(self, fraction: Union[float, Mapping[str, float]] = 0.8, bits: int = 4,
-                 prune_epochs: int = 2, quant_epochs: int = 2, per_channel: bool = False,
+                 prune_epochs: int = 3, quant_epochs: int = 3, per_channel: bool = False,
                  narrow_range: bool = False, layers: Optional[Sequence[str]] = None,
                  learning_rate: float = 1e-3, quant_learning_rate: Optional[float] = None,
                  batch_size: int = 128, beta: float = 1.0,
