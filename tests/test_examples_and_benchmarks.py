@@ -242,4 +242,3 @@ def test_benchmark_step_time_quick(data_dir):
     rows = dict(re.findall(r"^(\w+)\s+[0-9.]+\s+([0-9.]+)x", out, flags=re.M))
     assert rows.get("plain") == "1.00", out[-2000:]
     assert len(rows) >= 3 and all(float(r) > 0 for r in rows.values()), rows
-

@@ -58,8 +58,9 @@ def local_files_dir(files_dir: Optional[str] = None) -> Optional[str]:
     offline machines tfqreg is developed on), if one exists; else ``None`` (download as usual).
     The library's own loaders never look for that folder by themselves.
     """
-    if files_dir or os.environ.get(ENV_VAR):
-        return files_dir or os.environ[ENV_VAR]
+    given = files_dir or os.environ.get(ENV_VAR)
+    if given:
+        return given
     checkout = Path(__file__).resolve().parent.parent
     for base in (Path.cwd(), checkout):
         candidate = base.parent / "shared" / "data"

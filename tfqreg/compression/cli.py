@@ -12,6 +12,7 @@ per stage; the report is printed and written to ``DIR/report.json``, the model t
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from typing import Optional
@@ -39,10 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output folder for model.tfqz and report.json")
     parser.add_argument("--epochs", type=int, default=None,
                         help="epochs of each training stage (sets both of the next two)")
-    parser.add_argument("--prune-epochs", type=int, default=3,
-                        help="epochs with the learnable partial L2 (default 3)")
-    parser.add_argument("--quant-epochs", type=int, default=3,
-                        help="epochs of MSQE fine-tuning with the mask fixed (default 3)")
+    defaults = inspect.signature(Compressor).parameters  # one source: Compressor's own defaults
+    prune, quant = defaults["prune_epochs"].default, defaults["quant_epochs"].default
+    parser.add_argument("--prune-epochs", type=int, default=prune,
+                        help=f"epochs with the learnable partial L2 (default {prune})")
+    parser.add_argument("--quant-epochs", type=int, default=quant,
+                        help=f"epochs of MSQE fine-tuning with the mask fixed (default {quant})")
     parser.add_argument("--float-epochs", type=int, default=4,
                         help="float training of a reference MODEL name (default 4)")
     parser.add_argument("--per-channel", action="store_true", help="one step per channel")
