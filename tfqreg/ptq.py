@@ -1,25 +1,33 @@
 """Post-training quantization on demand, and accuracy-vs-bits sweeps (methods.md, "post-training
-quantization on demand").
+quantization on demand"): the model the device will compute, evaluated at any bit width.
 
 :func:`quantize` takes a trained float model and a bit width and returns a NEW model (the input
-model is untouched):
+model is untouched) that computes what the TFLite converter would make of it:
 
-- weights: the kernel of every ``Dense``, ``Conv1D/2D/3D`` and ``DepthwiseConv2D`` layer is
-  replaced by its fake-quantized value on the tfqreg grid (:func:`tfqreg.grid.fake_quant`,
-  symmetric, default step ``max|w| / (2^(b-1) − 1)``, per output channel by default or per
-  tensor). Biases, BatchNorm and other weights stay in float (as in TFLite, where biases are
-  int32 and BatchNorm is folded). Transposed and separable convolutions are not touched, nor
-  larq ``Quant*`` layers that have a ``kernel_quantizer`` (they are quantized by larq already; a
-  larq layer without kernel quantizer counts as a plain layer).
-- activations (when ``activation_bits`` is given): the outputs of those layers (after their
-  activation function, as TFLite fuses it) and the model input are fake-quantized with
-  asymmetric ranges (TFLite's scheme, :func:`tfqreg.grid.fake_quant_activation`) calibrated as
-  the min/max over ``calibration_data`` (a few batches), through :class:`ActivationFakeQuant`
-  wrapper layers.
+- BatchNorm folding first (:mod:`tfqreg.fold`): every BatchNormalization that follows a Dense /
+  Conv / DepthwiseConv2D with a linear activation is folded into it, ``w' = w·γ/√(σ²+ε)`` per
+  output channel, as the converter does; one that cannot fold stays a float BatchNorm whose
+  output is quantized (TFLite runs it as a multiply-add), and the result says which and why.
+- weights: the (folded) kernel of every ``Dense``, ``Conv1D/2D/3D``, transposed convolution and
+  ``DepthwiseConv2D`` is replaced by its fake-quantized value on the tfqreg grid
+  (:func:`tfqreg.grid.fake_quant`, symmetric, default step ``max|w'| / (2^(b-1) − 1)``, per output
+  channel by default or per tensor). Biases stay in float (TFLite keeps them in int32). larq
+  ``Quant*`` layers with a ``kernel_quantizer`` are left alone (larq quantizes them already).
+  ``SeparableConv2D`` is refused: TFLite computes it as a depthwise and a 1×1 convolution with a
+  quantized tensor between them, so rebuild it from those two layers.
+- activations (when ``activation_bits`` is given) are fake-quantized where TFLite quantizes a
+  tensor, with asymmetric ranges (TFLite's scheme, :func:`tfqreg.grid.fake_quant_activation`)
+  calibrated as the min/max over ``calibration_data``: the model input; the output of each fused
+  op (a quantized layer + its folded BatchNorm + a following ReLU/ReLU6 are one op, quantized
+  after the activation, never between the layer and its BatchNorm); the logits AND the output of
+  a layer whose activation TFLite cannot fuse (softmax, sigmoid, tanh, ...); and the outputs of
+  the other computing layers (``Add``, ``Concatenate``, pooling averages, an unfolded
+  BatchNorm, a standalone activation). Shape-only layers (max pooling, reshape, flatten,
+  dropout, padding) keep their input's grid, as in TFLite. Wrappers: :class:`ActivationFakeQuant`.
 
 :func:`sweep` evaluates the float model and each bit width and returns a :class:`SweepResult`:
-plain data that prints as a table and saves as JSON / CSV / a plot. It clones the model once
-and only re-assigns kernels and re-calibrates per width.
+plain data that prints as a table and saves as JSON / CSV / a plot, with the fold plan. It folds
+and clones the model once and only re-assigns kernels and re-calibrates per width.
 
 >>> import numpy as np, tfqreg
 >>> from tfqreg import models, ptq
@@ -48,7 +56,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfqreg import grid
+from tfqreg import fold, grid
 from tfqreg._keras import check_keras2, keras, register, tf
 
 __all__ = [
@@ -77,16 +85,23 @@ def _check_args(model=None, weight_bits=None, activation_bits=None, per_channel=
                 f"`model` must be a Sequential or Functional model: a subclassed model "
                 f"({type(model).__name__}) cannot be cloned, so PTQ cannot build a new model "
                 "from it. Rebuild it with the functional API.")
+        separable = [l.name for l in model._flatten_layers(include_self=False, recursive=True)
+                     if isinstance(l, _separable_types())]
+        if separable:
+            raise ValueError(
+                f"`model` has separable convolution(s) {separable}: TFLite computes each as a "
+                "DEPTHWISE_CONV_2D and a 1x1 CONV_2D with a quantized tensor between them, "
+                "which PTQ does not simulate. Rebuild them as DepthwiseConv2D + Conv2D(1) "
+                "(the same function) to quantize them.")
         if not quantizable_layers(model):
             raise ValueError(
-                "`model` has no quantizable layer (Dense, Conv1D/2D/3D or DepthwiseConv2D "
-                "without a larq kernel_quantizer).")
+                "`model` has no quantizable layer (Dense, Conv1D/2D/3D, a transposed "
+                "convolution or DepthwiseConv2D without a larq kernel_quantizer).")
     grid.check_quant_args(weight_bits, activation_bits, per_channel, narrow_range)
 
 
-def _excluded_types():
-    names = ("Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "SeparableConv1D",
-             "SeparableConv2D")
+def _separable_types():
+    names = ("SeparableConv1D", "SeparableConv2D")
     return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
 
 
@@ -95,7 +110,7 @@ def _kernel_attr(layer) -> str:
 
 
 def _is_quantizable(layer) -> bool:
-    if isinstance(layer, _excluded_types()) or grid.channel_axes_for(layer) is None:
+    if isinstance(layer, _separable_types()) or grid.channel_axes_for(layer) is None:
         return False
     if getattr(layer, "kernel_quantizer", None) is not None:  # larq layer, already quantized
         return False
@@ -173,6 +188,11 @@ class ActivationFakeQuant(keras.layers.Wrapper):
     """Wraps a layer and fake-quantizes its output (and optionally its input) to ``bits`` on
     calibrated asymmetric ranges (stored as non-trainable weights, so they are saved).
 
+    With ``activation`` given, the wrapped layer computes its pre-activation (its own activation
+    must be linear), the wrapper quantizes it, applies ``activation`` and quantizes the result:
+    TFLite's ``FULLY_CONNECTED`` + ``SOFTMAX`` (or ``LOGISTIC``, ``TANH``), each with a quantized
+    output.
+
     ``mode`` (a Python attribute, not saved): ``"quantize"`` (default), ``"calibrate"``
     (pass values through and widen the stored ranges to their min/max) or ``"off"``.
 
@@ -182,12 +202,14 @@ class ActivationFakeQuant(keras.layers.Wrapper):
         quantize_input: also quantize the layer's input (used for the model input).
         quantize_output: quantize the layer's output.
         narrow_range: use ``[1, 2^n − 1]`` instead of ``[0, 2^n − 1]``.
+        activation: an activation applied after the wrapped layer (name or config), or ``None``.
     """
 
     MODES = ("quantize", "calibrate", "off")
 
     def __init__(self, layer, bits: int = 8, quantize_input: bool = False,
-                 quantize_output: bool = True, narrow_range: bool = False, **kwargs):
+                 quantize_output: bool = True, narrow_range: bool = False, activation=None,
+                 **kwargs):
         _check_args(activation_bits=bits, narrow_range=narrow_range)
         kwargs.setdefault("name", f"afq_{layer.name}")
         super().__init__(layer, **kwargs)
@@ -195,6 +217,7 @@ class ActivationFakeQuant(keras.layers.Wrapper):
         self.quantize_input = bool(quantize_input)
         self.quantize_output = bool(quantize_output)
         self.narrow_range = narrow_range
+        self.activation = None if activation is None else keras.activations.get(activation)
         self.mode = "quantize"
 
     def build(self, input_shape=None):
@@ -206,10 +229,19 @@ class ActivationFakeQuant(keras.layers.Wrapper):
 
         self.input_min, self.input_max = add("input_min"), add("input_max")
         self.output_min, self.output_max = add("output_min"), add("output_max")
+        if self.activation is not None:
+            self.preactivation_min = add("preactivation_min")
+            self.preactivation_max = add("preactivation_max")
         super().build(input_shape)
 
+    def _ranges(self):
+        out = [self.input_min, self.input_max, self.output_min, self.output_max]
+        if self.activation is not None:
+            out += [self.preactivation_min, self.preactivation_max]
+        return out
+
     def reset_ranges(self):
-        for v in (self.input_min, self.input_max, self.output_min, self.output_max):
+        for v in self._ranges():
             v.assign(0.0)
 
     def _apply(self, x, lo, hi):
@@ -231,6 +263,10 @@ class ActivationFakeQuant(keras.layers.Wrapper):
         if self.quantize_input:
             x = self._apply(x, self.input_min, self.input_max)
         y = self.layer(x)
+        if self.activation is not None:
+            if self.quantize_output:
+                y = self._apply(y, self.preactivation_min, self.preactivation_max)
+            y = self.activation(y)
         if self.quantize_output:
             y = self._apply(y, self.output_min, self.output_max)
         return y
@@ -241,19 +277,118 @@ class ActivationFakeQuant(keras.layers.Wrapper):
     def get_config(self):
         return {**super().get_config(), "bits": self.bits,
                 "quantize_input": self.quantize_input,
-                "quantize_output": self.quantize_output, "narrow_range": self.narrow_range}
+                "quantize_output": self.quantize_output, "narrow_range": self.narrow_range,
+                "activation": None if self.activation is None
+                else keras.activations.serialize(self.activation)}
+
+
+# ----------------------------------------------------------------------------- where TFLite quantizes
+def _fusing_types():
+    """Layers whose TFLite op carries a fused ReLU / ReLU6."""
+    return (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+            keras.layers.DepthwiseConv2D, keras.layers.Conv1DTranspose,
+            keras.layers.Conv2DTranspose, keras.layers.Add, keras.layers.Subtract,
+            keras.layers.Multiply)
+
+
+def _computing_types():
+    """Layers whose output TFLite re-quantizes (besides the quantized-kernel layers)."""
+    return _fusing_types() + (
+        keras.layers.Average, keras.layers.Maximum, keras.layers.Minimum,
+        keras.layers.Concatenate, keras.layers.GlobalAveragePooling1D,
+        keras.layers.GlobalAveragePooling2D, keras.layers.GlobalAveragePooling3D,
+        keras.layers.AveragePooling1D, keras.layers.AveragePooling2D,
+        keras.layers.AveragePooling3D, keras.layers.BatchNormalization,
+        keras.layers.Activation, keras.layers.ReLU, keras.layers.LeakyReLU,
+        keras.layers.Softmax, keras.layers.PReLU, keras.layers.ELU)
+
+
+_FUSABLE = ("relu", "relu6", "linear")
+
+
+def _activation_name(layer) -> Optional[str]:
+    """``"relu"``, ``"relu6"``, ``"linear"`` or another name for an activation layer or a
+    layer's own activation; ``None`` for layers that have none."""
+    if isinstance(layer, keras.layers.ReLU):
+        mv = None if layer.max_value is None else float(layer.max_value)
+        if float(layer.negative_slope) == 0 and float(layer.threshold) == 0 and mv in (None, 6.0):
+            return "relu" if mv is None else "relu6"
+        return "relu_custom"
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return None
+    name = keras.activations.serialize(act)
+    return name if isinstance(name, str) else str(name)
+
+
+def _is_identity(layer) -> bool:
+    return isinstance(layer, keras.layers.Activation) and _activation_name(layer) == "linear"
+
+
+def _is_fusable_activation_layer(layer) -> bool:
+    return isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)) and \
+        _activation_name(layer) in _FUSABLE
+
+
+def _model_input_layers(base) -> set:
+    if isinstance(base, keras.Sequential):
+        return {id(base.layers[0])}
+    inputs = {id(l) for l in base._input_layers}
+    return {id(layer) for layer in base.layers
+            if not isinstance(layer, keras.layers.InputLayer)
+            and any(id(inbound) in inputs for node in layer._inbound_nodes
+                    for inbound in tf.nest.flatten(node.inbound_layers))}
+
+
+def _quantization_points(base, quantized: set) -> Dict[int, dict]:
+    """``id(layer) -> wrapper kwargs`` for the layers whose output (or input) TFLite quantizes."""
+    points: Dict[int, dict] = {}
+    covered = set()  # activation layers fused into the op before them
+    for layer in base.layers:
+        if isinstance(layer, keras.layers.InputLayer) or id(layer) in covered:
+            continue
+        if not (id(layer) in quantized or isinstance(layer, _computing_types())):
+            continue
+        if _is_identity(layer):
+            continue
+        own = _activation_name(layer)
+        split = own is not None and own not in _FUSABLE and id(layer) in quantized
+        end, fused = layer, own not in (None, "linear")
+        while True:  # follow the chain that TFLite fuses into this op
+            consumers = fold._consumers(end)
+            if len(consumers) != 1:
+                break
+            nxt = consumers[0]
+            if _is_identity(nxt):
+                end = nxt
+                covered.add(id(nxt))
+                continue
+            if (not fused and isinstance(layer, _fusing_types())
+                    and _is_fusable_activation_layer(nxt)):
+                end, fused = nxt, True
+                covered.add(id(nxt))
+                continue
+            break
+        entry = points.setdefault(id(end), {})
+        entry["quantize_output"] = True
+        if split:
+            points.setdefault(id(layer), {})["split"] = True
+    for lid in _model_input_layers(base):
+        points.setdefault(lid, {}).setdefault("quantize_output", False)
+        points[lid]["quantize_input"] = True
+    return points
 
 
 # ----------------------------------------------------------------------------- the PTQ model
 class _PTQModel:
-    """A clone of a float model whose kernels and activation wrappers are set per bit width.
+    """A folded clone of a float model whose kernels and activation wrappers are set per width.
 
-    Cloned once; :meth:`set_weight_bits` re-assigns quantized kernels from the stored float
-    kernels and :meth:`calibrate` re-computes the activation ranges."""
+    Folded and cloned once; :meth:`set_weight_bits` re-assigns quantized kernels from the stored
+    float (folded) kernels and :meth:`calibrate` re-computes the activation ranges."""
 
     def __init__(self, model: keras.Model, activations: bool):
-        base = keras.models.clone_model(model)
-        base.set_weights(model.get_weights())
+        self.plan = fold.find_folds(model)
+        base = fold.fold_model(model)
         self.layers = quantizable_layers(base)
         self.float_kernels = [getattr(l, _kernel_attr(l)).numpy() for l in self.layers]
         self.wrappers: List[ActivationFakeQuant] = []
@@ -261,23 +396,20 @@ class _PTQModel:
         self._predict = None
 
     def _wrap(self, base: keras.Model) -> keras.Model:
-        quantizable = {id(l) for l in self.layers}
-        if isinstance(base, keras.Sequential):
-            takes_input = {id(base.layers[0])}
-        else:
-            inputs = {id(l) for l in base._input_layers}
-            takes_input = {
-                id(layer) for layer in base.layers
-                if not isinstance(layer, keras.layers.InputLayer)
-                and any(id(inbound) in inputs
-                        for node in layer._inbound_nodes
-                        for inbound in tf.nest.flatten(node.inbound_layers))}
+        points = _quantization_points(base, {id(l) for l in self.layers})
 
         def wrap(layer):  # the same (weight-carrying) layer object, wrapped
-            q_out, q_in = id(layer) in quantizable, id(layer) in takes_input
-            if not (q_out or q_in):
+            spec = points.get(id(layer))
+            if not spec:
                 return layer
-            wrapper = ActivationFakeQuant(layer, quantize_input=q_in, quantize_output=q_out)
+            activation = None
+            if spec.get("split"):
+                activation = keras.activations.serialize(layer.activation)
+                layer.activation = keras.activations.linear  # our private clone
+            wrapper = ActivationFakeQuant(
+                layer, quantize_input=spec.get("quantize_input", False),
+                quantize_output=spec.get("quantize_output", False) or bool(activation),
+                activation=activation)
             self.wrappers.append(wrapper)
             return wrapper
 
@@ -318,14 +450,16 @@ class _PTQModel:
 def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int] = None,
              per_channel: bool = True, calibration_data=None,
              narrow_range: bool = False) -> keras.Model:
-    """A new model with ``weight_bits``-bit kernels and optionally ``activation_bits``-bit
-    activations, fake-quantized on the tfqreg grid (the input model is not modified).
+    """A new model that computes what the device computes: BatchNorms folded, then
+    ``weight_bits``-bit kernels and optionally ``activation_bits``-bit activations, fake-quantized
+    on the tfqreg grid (the input model is not modified).
 
     Args:
         model: a trained Sequential or Functional Keras 2 model.
         weight_bits: 2..16.
-        activation_bits: 2..16 to quantize the model input and the outputs of the quantized
-            layers, or ``None`` (float activations).
+        activation_bits: 2..16 to quantize the tensors TFLite quantizes (the model input, the
+            output of every fused op; see the module docstring), or ``None`` (float
+            activations).
         per_channel: one step per output channel (default) or one per kernel.
         calibration_data: inputs for the activation ranges (required with ``activation_bits``):
             a NumPy array ``x``, a tuple ``(x, y)`` or a ``tf.data.Dataset``; a few batches
@@ -334,8 +468,11 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
             step, which never reaches ``−2^(b−1)``).
 
     Returns:
-        A new Keras model. With activation quantization its quantized layers are wrapped in
-        :class:`ActivationFakeQuant` (registered; the model saves and loads).
+        A new Keras model: the folded model (each folded BatchNorm is an identity layer named
+        ``<bn>_folded``; the kernels lie on the grid). With activation quantization the layers
+        whose outputs are quantized are wrapped in :class:`ActivationFakeQuant` (registered;
+        the model saves and loads). BatchNorms that could not fold are logged as a warning
+        (:func:`tfqreg.fold.find_folds` says why).
 
     Raises:
         TypeError: not a Keras 2 model, a subclassed model, or a non-bool flag.
@@ -350,6 +487,11 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
         _input_shape(model)
         next(iter(_batches(calibration_data, model, "calibration_data", with_labels=False)))
     ptq = _PTQModel(model, activations=activation_bits is not None)
+    if ptq.plan.unfolded:
+        logging.getLogger(__name__).warning(
+            "ptq.quantize: %d BatchNorm(s) cannot be folded and stay a float multiply-add "
+            "whose output is quantized (as in TFLite): %s", len(ptq.plan.unfolded),
+            "; ".join(f"{bn}: {why}" for bn, why in ptq.plan.unfolded))
     ptq.set_weight_bits(weight_bits, per_channel, narrow_range)
     if activation_bits is not None:
         ptq.calibrate(calibration_data, activation_bits)
@@ -377,13 +519,16 @@ class SweepRow:
 class SweepResult:
     """Accuracy vs. bit width of one model: plain data that prints as a table.
 
-    Accuracies are fractions in [0, 1]; ``rows[0]`` is the float model.
+    Accuracies are fractions in [0, 1]; ``rows[0]`` is the float model. ``folding`` is the
+    BatchNorm fold plan (:meth:`tfqreg.fold.FoldPlan.to_dict`): which BatchNorms were folded into
+    which layers before quantizing, and which stayed a float multiply-add, and why.
     """
 
     rows: List[SweepRow]
     model_name: str = ""
     per_channel: bool = True
     num_examples: int = 0
+    folding: Optional[dict] = None
 
     @property
     def float_accuracy(self) -> float:
@@ -399,14 +544,14 @@ class SweepResult:
 
     def to_dict(self) -> dict:
         return {"model_name": self.model_name, "per_channel": self.per_channel,
-                "num_examples": self.num_examples,
+                "num_examples": self.num_examples, "folding": self.folding,
                 "rows": [dataclasses.asdict(r) for r in self.rows]}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SweepResult":
         return cls(rows=[SweepRow(**r) for r in d["rows"]], model_name=d.get("model_name", ""),
                    per_channel=d.get("per_channel", True),
-                   num_examples=d.get("num_examples", 0))
+                   num_examples=d.get("num_examples", 0), folding=d.get("folding"))
 
     def to_json(self, path: str) -> str:
         with open(path, "w") as f:
@@ -466,6 +611,13 @@ class SweepResult:
             if has_loss:
                 line += f" {r.loss:>8.4f}" if r.loss is not None else f" {'':>8}"
             lines.append(line)
+        folds = (self.folding or {}).get("folds", [])
+        unfolded = (self.folding or {}).get("unfolded", [])
+        if folds or unfolded:
+            lines.append(f"BatchNorm: {len(folds)} folded into the layer before "
+                         f"({', '.join(bn for _, bn in folds) or '-'}), {len(unfolded)} not")
+            lines += [f"  {bn} stays a float multiply-add (quantized output): {why}"
+                      for bn, why in unfolded]
         return "\n".join(lines)
 
 
@@ -560,7 +712,7 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
             acc, loss, n, probabilities = _evaluate(ptq, data, probabilities)
             rows.append(SweepRow(w, a, acc, loss if math.isfinite(loss) else None))
     return SweepResult(rows=rows, model_name=model.name, per_channel=per_channel,
-                       num_examples=n)
+                       num_examples=n, folding=ptq.plan.to_dict())
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -1,0 +1,295 @@
+"""The one BatchNorm fold: the kernel the device quantizes (design.md, "One BatchNorm fold").
+
+At inference a ``BatchNormalization`` is a per-channel scale and shift,
+
+    BN(y) = s · (y − μ) + β,        s = γ / √(σ² + ε)         (moving mean μ, variance σ²)
+
+When it directly follows a ``Dense``, ``Conv1D/2D/3D`` or ``DepthwiseConv2D`` whose own activation
+is linear (the usual ``Conv(use_bias=False) → BN → ReLU``), the TFLite converter folds it into the
+layer before quantizing anything:
+
+    w' = w · s     (per output channel; a depthwise kernel ``(kh, kw, in, mult)`` has output channel
+                    ``i·mult + m``, so ``s`` is reshaped to ``(in, mult)``)
+    b' = (b − μ) · s + β
+
+and fuses layer + BN + a following ReLU/ReLU6 into one op whose output (after the activation) is
+the quantized tensor. So ``w'``, not ``w``, is the kernel that meets the integer grid. Per-channel
+steps commute with the fold (each channel is scaled by one number); a per-tensor step does not:
+the channel with the largest ``|w·s|`` sets the step for all.
+
+This module computes the fold once, for every station:
+
+- :func:`following_batchnorm` finds the BatchNorm that folds into a layer (or ``None``);
+- :func:`batchnorm_scale` / :func:`fold_kernel` / :func:`folded_kernel` give ``s`` and ``w'`` as
+  differentiable tensors (the regularizers and training terms use them, so their pull acts on
+  ``w'``: gradients reach ``w`` and ``γ``; the moving variance is a statistic, not a parameter);
+- :func:`find_folds` lists what folds and which BatchNorms cannot (they stay a float
+  multiply-add in TFLite, quantized at their output), and why;
+- :func:`fold_model` returns a new model in which every foldable BatchNorm is folded: the layer
+  gets ``w'`` and ``b'`` (and a bias if it had none), the BatchNorm becomes an identity
+  (``Activation("linear")`` named ``<bn>_folded``). Post-training quantization, the compression
+  pipeline and the sub-8-bit export quantize this model's kernels.
+
+>>> import numpy as np, tfqreg
+>>> from tfqreg import fold
+>>> from tfqreg._keras import keras
+>>> model = keras.Sequential([keras.Input((8, 8, 3)),
+...     keras.layers.Conv2D(4, 3, use_bias=False, name="conv"),
+...     keras.layers.BatchNormalization(name="bn"), keras.layers.ReLU(name="relu")])
+>>> fold.following_batchnorm(model.get_layer("conv")).name
+'bn'
+>>> folded = fold.fold_model(model)
+>>> [layer.name for layer in folded.layers]
+['conv', 'bn_folded', 'relu']
+>>> x = np.random.rand(2, 8, 8, 3).astype("float32")
+>>> bool(np.allclose(model(x), folded(x), atol=1e-5))
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import List, Optional, Tuple
+
+import numpy as np
+
+from tfqreg._keras import check_keras2, keras, tf
+
+__all__ = [
+    "FoldPlan",
+    "foldable_layer_types",
+    "following_batchnorm",
+    "batchnorm_scale",
+    "batchnorm_shift",
+    "fold_kernel",
+    "folded_kernel",
+    "find_folds",
+    "fold_model",
+]
+
+
+def foldable_layer_types() -> tuple:
+    """The layer classes a following BatchNorm folds into (TFLite ``FULLY_CONNECTED``,
+    ``CONV_2D`` / ``CONV_3D``, ``DEPTHWISE_CONV_2D``). Transposed and separable convolutions
+    are not among them."""
+    excluded = tuple(getattr(keras.layers, n) for n in (
+        "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "SeparableConv1D",
+        "SeparableConv2D") if hasattr(keras.layers, n))
+    base = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
+            keras.layers.DepthwiseConv2D)
+    return base, excluded
+
+
+def _is_foldable_type(layer) -> bool:
+    base, excluded = foldable_layer_types()
+    return isinstance(layer, base) and not isinstance(layer, excluded) and \
+        getattr(layer, "kernel_quantizer", None) is None
+
+
+def _kernel_of(layer):
+    return layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) \
+        else layer.kernel
+
+
+def _consumers(layer) -> List:
+    """Layers that take ``layer``'s output, over all of its call sites."""
+    out = []
+    for node in getattr(layer, "_outbound_nodes", None) or []:
+        consumer = getattr(node, "outbound_layer", None)
+        if consumer is not None:
+            out.append(consumer)
+    return out
+
+
+def _why_not(layer, bn) -> Optional[str]:
+    """Why ``bn`` (a consumer of ``layer``) does not fold into it; ``None`` if it folds."""
+    if not _is_foldable_type(layer):
+        return (f"it follows {type(layer).__name__} '{layer.name}', which is not a Dense, Conv "
+                "or DepthwiseConv2D layer")
+    if layer.activation not in (keras.activations.linear, None):
+        return (f"'{layer.name}' applies its activation "
+                f"'{keras.activations.serialize(layer.activation)}' before the BatchNorm")
+    if len(getattr(layer, "_inbound_nodes", []) or []) > 1:
+        return f"'{layer.name}' is called more than once (shared weights)"
+    if len(_consumers(layer)) != 1:
+        return f"the output of '{layer.name}' also feeds other layers"
+    if len(getattr(bn, "_inbound_nodes", []) or []) > 1:
+        return "the BatchNorm is called more than once"
+    rank = len(layer.output_shape) if hasattr(layer, "output_shape") else None
+    axes = [a % rank for a in bn.axis] if rank else list(bn.axis)
+    if rank is None or axes != [rank - 1]:
+        return f"it normalizes axis {list(bn.axis)}, not the channel axis of '{layer.name}'"
+    return None
+
+
+def following_batchnorm(layer) -> Optional[keras.layers.BatchNormalization]:
+    """The BatchNormalization that the TFLite converter folds into ``layer``, or ``None``.
+
+    It folds when ``layer`` is a Dense / Conv / DepthwiseConv2D with a linear activation, called
+    once, whose only consumer is a BatchNormalization over the channel (last) axis. Works on the
+    layers of built Sequential and Functional models (it reads the layer graph); layers of a
+    subclassed model have no graph, so nothing folds there.
+    """
+    consumers = _consumers(layer)
+    if len(consumers) != 1 or not isinstance(consumers[0], keras.layers.BatchNormalization):
+        return None
+    bn = consumers[0]
+    return bn if _why_not(layer, bn) is None else None
+
+
+def batchnorm_scale(bn) -> tf.Tensor:
+    """``s = γ / √(σ² + ε)`` per channel (float32), with the moving variance. Differentiable
+    w.r.t. ``γ``; ``γ = 1`` when the BatchNorm has ``scale=False``."""
+    var = tf.cast(bn.moving_variance, tf.float32)
+    s = tf.math.rsqrt(var + bn.epsilon)
+    if bn.gamma is not None:
+        s = tf.cast(bn.gamma, tf.float32) * s
+    return s
+
+
+def batchnorm_shift(bn) -> tf.Tensor:
+    """``β − μ·s`` per channel (float32): the offset of the folded BatchNorm."""
+    shift = -tf.cast(bn.moving_mean, tf.float32) * batchnorm_scale(bn)
+    if bn.beta is not None:
+        shift = shift + tf.cast(bn.beta, tf.float32)
+    return shift
+
+
+def _per_channel_shape(layer, kernel_rank: int, channels: int) -> List[int]:
+    """How a per-output-channel vector broadcasts onto ``layer``'s kernel."""
+    if isinstance(layer, keras.layers.DepthwiseConv2D):
+        shape = [1] * kernel_rank
+        shape[-1] = int(layer.depth_multiplier)
+        shape[-2] = channels // int(layer.depth_multiplier)
+        return shape
+    return [1] * (kernel_rank - 1) + [channels]
+
+
+def fold_kernel(layer, kernel, scale) -> tf.Tensor:
+    """``kernel · s`` with ``s`` (one value per output channel of ``layer``) broadcast the way
+    the converter folds it. Computed in float32."""
+    kernel = tf.cast(tf.convert_to_tensor(kernel), tf.float32)
+    scale = tf.cast(tf.convert_to_tensor(scale), tf.float32)
+    shape = _per_channel_shape(layer, kernel.shape.rank, int(scale.shape[0]))
+    return kernel * tf.reshape(scale, shape)
+
+
+def folded_kernel(layer, kernel=None) -> tf.Tensor:
+    """The kernel the device quantizes: ``kernel · s`` when a BatchNorm folds into ``layer``,
+    else ``kernel`` itself (cast to float32). ``kernel`` defaults to the layer's kernel."""
+    kernel = _kernel_of(layer) if kernel is None else kernel
+    bn = following_batchnorm(layer)
+    if bn is None:
+        return tf.cast(tf.convert_to_tensor(kernel), tf.float32)
+    return fold_kernel(layer, kernel, batchnorm_scale(bn))
+
+
+@dataclasses.dataclass
+class FoldPlan:
+    """Which BatchNorms fold into which layers, and which stay (with the reason).
+
+    ``folds`` holds ``(layer name, batchnorm name)`` pairs; ``unfolded`` holds
+    ``(batchnorm name, reason)`` pairs: those run in TFLite as a separate multiply-add whose
+    output is quantized, and post-training quantization simulates them so."""
+
+    folds: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+    unfolded: List[Tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"folds": [list(p) for p in self.folds],
+                "unfolded": [list(p) for p in self.unfolded]}
+
+    def __str__(self) -> str:
+        lines = [f"BatchNorm folding: {len(self.folds)} folded, {len(self.unfolded)} not"]
+        lines += [f"  {bn} -> folded into {layer}" for layer, bn in self.folds]
+        lines += [f"  {bn} stays a float multiply-add: {why}" for bn, why in self.unfolded]
+        return "\n".join(lines)
+
+
+def _graph_layers(model) -> List:
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
+def find_folds(model: keras.Model) -> FoldPlan:
+    """The :class:`FoldPlan` of a built Keras 2 model (nested models included)."""
+    check_keras2(model, "model", keras.Model)
+    plan = FoldPlan()
+    for layer in _graph_layers(model):
+        if not isinstance(layer, keras.layers.BatchNormalization):
+            continue
+        nodes = getattr(layer, "_inbound_nodes", None) or []
+        producers = [p for node in nodes for p in tf.nest.flatten(node.inbound_layers)]
+        if len(producers) != 1:
+            plan.unfolded.append((layer.name, "it has no single producing layer (a subclassed "
+                                              "model, or a model input)"))
+            continue
+        why = _why_not(producers[0], layer)
+        if why is None and following_batchnorm(producers[0]) is layer:
+            plan.folds.append((producers[0].name, layer.name))
+        else:
+            plan.unfolded.append((layer.name, why or "its input is not a foldable layer"))
+    return plan
+
+
+def _folded_clone(layer, bn):
+    config = layer.get_config()
+    config.update(use_bias=True, kernel_regularizer=None, bias_regularizer=None,
+                  kernel_constraint=None, bias_constraint=None)
+    return type(layer).from_config(config)
+
+
+def fold_model(model: keras.Model) -> keras.Model:
+    """A new model with every foldable BatchNorm folded into the layer before it.
+
+    The input model is not modified. Folded layers carry ``w' = w·s`` and ``b' = (b − μ)·s + β``
+    (their regularizers and constraints are dropped: the result is an inference model); each
+    folded BatchNorm becomes ``Activation("linear", name="<bn>_folded")``, which TFLite drops.
+    Everything else is cloned with its weights. Nested Sequential/Functional models are folded
+    inside; a BatchNorm across a model boundary is not folded (see :func:`find_folds`).
+
+    Raises:
+        TypeError: not a Keras 2 Sequential or Functional model.
+    """
+    check_keras2(model, "model", keras.Model)
+    if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        raise TypeError(f"`model` must be a Sequential or Functional model, got a subclassed "
+                        f"{type(model).__name__} (it has no layer graph to fold).")
+    pairs = {}
+    for layer in model.layers:
+        bn = following_batchnorm(layer) if _is_foldable_type(layer) else None
+        if bn is not None:
+            pairs[id(layer)] = bn
+    folded_bns = {id(bn) for bn in pairs.values()}
+    originals = {}
+
+    def clone(layer):
+        if isinstance(layer, keras.Model) and (
+                isinstance(layer, keras.Sequential) or getattr(layer, "_is_graph_network", False)):
+            new = fold_model(layer)
+        elif id(layer) in folded_bns:
+            new = keras.layers.Activation("linear", name=f"{layer.name}_folded")
+        elif id(layer) in pairs:
+            new = _folded_clone(layer, pairs[id(layer)])
+        else:
+            new = type(layer).from_config(layer.get_config())
+        originals[id(new)] = layer
+        return new
+
+    new_model = keras.models.clone_model(model, clone_function=clone)
+    for new in new_model.layers:
+        old = originals.get(id(new))
+        if old is None or isinstance(old, keras.Model) or id(old) in folded_bns:
+            continue
+        if id(old) in pairs:
+            bn = pairs[id(old)]
+            scale = batchnorm_scale(bn)
+            kernel = fold_kernel(old, _kernel_of(old), scale)
+            bias = old.bias if old.use_bias else tf.zeros_like(scale)
+            bias = (tf.cast(bias, tf.float32) - tf.cast(bn.moving_mean, tf.float32)) * scale
+            if bn.beta is not None:
+                bias = bias + tf.cast(bn.beta, tf.float32)
+            _kernel_of(new).assign(tf.cast(kernel, _kernel_of(new).dtype))
+            new.bias.assign(tf.cast(bias, new.bias.dtype))
+        else:
+            new.set_weights(old.get_weights())
+    return new_model
