@@ -10,3 +10,19 @@ from tfqreg import compression  # noqa: F401,E402  (after training: the pipeline
 from tfqreg.summary import summary  # noqa: F401  (tfqreg.summary(model))
 
 __version__ = "0.1.0"
+
+# Deployment is imported on first use (``tfqreg.deploy.to_tflite(...)``, ``tfqreg.export``):
+# ~35 ms today, and it keeps ``import tfqreg`` free of whatever the deploy modules import.
+_LAZY_MODULES = ("deploy", "export", "edgetpu", "micro")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_MODULES:
+        import importlib
+
+        return importlib.import_module(f"tfqreg.{name}")  # also sets the attribute
+    raise AttributeError(f"module 'tfqreg' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_MODULES))

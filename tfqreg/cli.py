@@ -18,7 +18,7 @@ from typing import List, Optional
 
 _COMMANDS = (
     ("run", "tfqreg.main_job", "train, quantize and export on Fashion-MNIST end to end"),
-    ("export", "tfqreg.export", "convert a saved Keras model for a deployment target"),
+    ("export", "tfqreg.deploy.cli", "convert a saved Keras model for a deployment target"),
     ("compress", "tfqreg.compression", "prune -> quantize -> entropy-code a saved model"),
     ("sweep", "tfqreg.ptq", "post-training quantization accuracy vs. bit width"),
 )

@@ -164,14 +164,14 @@ def run(data: str = "fashion_mnist", data_dir: Optional[str] = None,
     }
 
     if export_dir:
-        from tfqreg import export, micro
+        from tfqreg import deploy
 
         print(f"[4/4] exporting the {regularizer} model to {export_dir}/")
         os.makedirs(export_dir, exist_ok=True)
         model = trained[regularizer][0]
         # A 1-epoch smoke model has many near-ties between classes: accept 95% agreement there.
         agreement = 0.95 if quick else 0.99
-        int8 = export.to_tflite(model, mode="int8", representative_data=calib,
+        int8 = deploy.to_tflite(model, mode="int8", representative_data=calib,
                                 min_agreement=agreement,
                                 sample=(xt[:1000]),
                                 path=os.path.join(export_dir, "small_cnn_int8.tflite"))
@@ -182,8 +182,8 @@ def run(data: str = "fashion_mnist", data_dir: Optional[str] = None,
         print(f"int8 TFLite accuracy on {len(yt):,} test images: {100 * int8_acc:.2f}%")
         # The same 1,000 images as the LiteRT check: on 200, three int8-softmax ties (counted as
         # disagreements) already cost 1.5 pt of top-1 agreement.
-        mic = micro.to_micro(model, calib, export_dir, name="small_cnn", sample=xt[:1000],
-                             min_agreement=agreement)
+        mic = deploy.to_micro(model, calib, export_dir, name="small_cnn", sample=xt[:1000],
+                              min_agreement=agreement)
         print(mic.to_text())
         summary["export"] = {"int8_tflite": int8.path, "int8_accuracy": int8_acc,
                              "int8_bytes": int8.report.tflite_bytes,

@@ -7,7 +7,7 @@ of each weight and the memory they take, then the model's size three ways:
 * **quantized parameters**: each weight at its detected bit width (below), BatchNormalization
   folded to two vectors per channel (scale and offset) as at inference, as larq counts it;
 * **int8 TFLite** and **gzip -9 of that file**: measured by converting the model with
-  :func:`tfqreg.export.to_tflite` (mode ``"int8"``). This needs ``representative_data``;
+  :func:`tfqreg.deploy.to_tflite` (mode ``"int8"``). This needs ``representative_data``;
   without it the two sizes are ``None`` and the report says why. Conversion failures are
   noted, not raised (a summary should always print).
 
@@ -222,7 +222,7 @@ def summary(model, representative_data=None, print_fn: Optional[Callable[[str], 
     if representative_data is None:
         s.notes.append("int8 TFLite sizes not measured: pass representative_data to convert.")
     else:
-        from tfqreg.export import to_tflite
+        from tfqreg.deploy import to_tflite
 
         try:
             res = to_tflite(model, mode="int8", representative_data=representative_data,

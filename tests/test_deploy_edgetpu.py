@@ -1,7 +1,9 @@
-"""tfqreg.edgetpu: the Edge TPU pre-flight report on real converted models.
+"""tfqreg.deploy.edgetpu: the Edge TPU pre-flight report on real converted models.
 
 Each model below is built so that exactly one documented Edge TPU requirement is broken at a
-known operator; the report must name that operator as the cut and nothing earlier.
+known operator; the report must name that operator as the cut and nothing earlier. Low-bit
+files are made from the committed int8 model by retyping one weight tensor through the schema
+(``flatbuffer_utils``), as a low-bit exporter would store it.
 """
 
 import json
@@ -11,16 +13,21 @@ import stat
 import numpy as np
 import pytest
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
+from tensorflow.lite.python import schema_py_generated as schema
+from tensorflow.lite.tools import flatbuffer_utils
 
-from tfqreg import export, models
+from tfqreg import deploy, models
 from tfqreg._keras import keras, tf
-from tfqreg.edgetpu import SUPPORTED_OPS, check_edgetpu
+from tfqreg.deploy.edgetpu import SUPPORTED_OPS, check_edgetpu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CNN = os.path.join(REPO, "tflite_models", "fmnist_cnn_int8.tflite")
 
 _X = np.random.default_rng(0).uniform(size=(32, 28, 28, 1)).astype("float32")
 
 
 def _int8(model, **kw):
-    return export.to_tflite(model, mode="int8", representative_data=_X, check=False, **kw)
+    return deploy.to_tflite(model, mode="int8", representative_data=_X, check=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +46,7 @@ def test_good_int8_model_has_no_issues(good):
 
 
 def test_float_model_is_cut_at_op_zero():
-    flat = export.to_tflite(models.tiny_cnn(), mode="float", check=False).flatbuffer
+    flat = deploy.to_tflite(models.tiny_cnn(), mode="float", check=False).flatbuffer
     report = check_edgetpu(flat, run_compiler=False)
     assert report.first_cpu_op == 0 and not report.ok
     assert all(o.runs_on == "cpu" for o in report.ops)
@@ -88,7 +95,7 @@ def test_float_fallback_op_cumsum():
 
 
 def test_custom_ops_are_named():
-    res = export.to_lce(models.bnn(), check=False)
+    res = deploy.to_lce(models.bnn(), check=False)
     report = check_edgetpu(res.flatbuffer, run_compiler=False)
     lce = [o for o in report.ops if o.op.startswith("Lce")]
     assert lce and all(f"custom op {o.op} is not on" in o.issues[0] for o in lce)
@@ -154,3 +161,63 @@ def test_bad_input(tmp_path):
         check_edgetpu(b"\x00" * 64)
     with pytest.raises(TypeError, match="tflite_model"):
         check_edgetpu(123)
+
+
+def test_damaged_file_is_a_value_error(tmp_path):
+    data = open(CNN, "rb").read()
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        check_edgetpu(data[:-100], run_compiler=False)
+    path = tmp_path / "cut.tflite"
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        check_edgetpu(str(path), run_compiler=False)
+
+
+def _retyped(op_index, tensor_type):
+    """The committed int8 CNN with op ``op_index``'s weight tensor retyped to ``tensor_type``,
+    written back through the schema; returns (bytes, weight tensor name)."""
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(open(CNN, "rb").read()))
+    sg = model.subgraphs[0]
+    weight = sg.tensors[sg.operators[op_index].inputs[1]]
+    assert weight.type == schema.TensorType.INT8
+    weight.type = tensor_type
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), weight.name.decode()
+
+
+def test_committed_int8_model_is_fully_mappable():
+    report = check_edgetpu(CNN, run_compiler=False)
+    assert report.ok and [o.op for o in report.ops][:2] == ["CONV_2D", "CONV_2D"]
+
+
+@pytest.mark.parametrize("tensor_type, name, bits", [
+    (schema.TensorType.INT4, "int4", 4),
+    (schema.TensorType.INT2, "int2", 2),
+])
+def test_low_bit_weights_cannot_be_compiled(tensor_type, name, bits):
+    flat, weight = _retyped(1, tensor_type)  # the second CONV_2D
+    graph = deploy.read_tflite(flat)  # the schema's type name, as the reader gives it
+    assert graph.tensor(graph.ops[1].inputs[1]).dtype == name
+    report = check_edgetpu(flat, run_compiler=False)
+    assert not report.ok
+    assert report.first_cpu_op == 1
+    assert report.ops[0].issues == [] and report.ops[0].runs_on == "edgetpu"
+    conv = report.ops[1]
+    assert conv.op == "CONV_2D" and conv.supported and conv.runs_on == "cpu"
+    assert conv.issues == [
+        f"constant '{weight}' is {name} ({bits}-bit): the Edge TPU runs 8-bit integers only, so "
+        "the compiler cannot map it (export with 8-bit weights and activations for the Edge "
+        "TPU)"]
+    assert report.model_issues == [
+        f"1 tensor(s) stored below 8 bits ({name} x1): the Edge TPU compiler accepts int8/uint8 "
+        "models only"]
+    text = report.to_text()
+    assert f"is {name} ({bits}-bit)" in text and "verdict: NOT fully mappable" in text
+    assert json.loads(report.to_json())["ok"] is False
+
+
+def test_low_bit_weight_in_the_first_op_cuts_at_zero():
+    flat, _ = _retyped(0, schema.TensorType.INT4)
+    report = check_edgetpu(flat, run_compiler=False)
+    assert report.first_cpu_op == 0 and report.edgetpu_ops == 0
+    assert any("int4 (4-bit)" in i for i in report.ops[0].issues)
+    assert not any("int4" in i for o in report.ops[1:] for i in o.issues)

@@ -1,4 +1,4 @@
-"""tfqreg.micro: TFLite Micro parity, the measured arena, and C++ that compiles and runs."""
+"""tfqreg.deploy.micro: TFLite Micro parity, the measured arena, C++ that compiles and runs."""
 
 import math
 import shutil
@@ -7,7 +7,8 @@ import subprocess
 import numpy as np
 import pytest
 
-from tfqreg import export, micro, models
+from tfqreg import deploy, models
+from tfqreg.deploy import micro
 
 GXX = shutil.which("g++")
 
@@ -132,8 +133,8 @@ def test_resolver_snippet_compiles_against_the_resolver_interface(exported):
 
 
 def test_lce_model_is_refused_naming_the_custom_op():
-    flat = export.to_lce(models.bnn(), check=False).flatbuffer
-    with pytest.raises(export.ConversionError, match="LceQuantize"):
+    flat = deploy.to_lce(models.bnn(), check=False).flatbuffer
+    with pytest.raises(deploy.ConversionError, match="LceQuantize"):
         micro.resolver_methods(flat)
 
 
@@ -151,3 +152,19 @@ def test_bad_arguments(tmp_path, kwargs, name):
 def test_wrong_representative_data(tmp_path):
     with pytest.raises(ValueError, match=r"\(N, 28, 28, 1\)"):
         micro.to_micro(models.tiny_cnn(), np.zeros((4, 28, 28), "f4"), str(tmp_path))
+
+
+def test_result_is_accepted_wherever_a_flatbuffer_is(exported):
+    res, _ = exported
+    assert deploy.read_tflite(res).op_names == res.ops
+    assert micro.measure_arena(res) == res.arena_measured
+    x = np.zeros((2, 28, 28, 1), "float32")
+    np.testing.assert_array_equal(deploy.Runner(res, "micro").predict(x, raw=True),
+                                  deploy.Runner(res.flatbuffer, "micro").predict(x, raw=True))
+
+
+def test_damaged_file_is_a_value_error(exported):
+    res, _ = exported
+    for fn in (micro.measure_arena, micro.resolver_methods):
+        with pytest.raises(ValueError, match="truncated or damaged"):
+            fn(res.flatbuffer[:-64])

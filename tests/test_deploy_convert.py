@@ -1,8 +1,7 @@
-"""tfqreg.export: TFLite float/dynamic/int8 and LCE conversion, parity, errors.
+"""tfqreg.deploy.convert: TFLite float/dynamic/int8 and LCE conversion, parity, errors.
 
 Oracles: Keras' own predictions, the LiteRT interpreter driven directly (not through
-tfqreg.export.Runner), LiteRT's own tensor/op tables for the flatbuffer reader, and LCE's
-interpreter.
+tfqreg.deploy.Runner), and LCE's interpreter.
 """
 
 import numpy as np
@@ -11,7 +10,7 @@ import pytest
 import larq as lq
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-from tfqreg import export, models
+from tfqreg import deploy, models
 from tfqreg._keras import keras, tf
 
 
@@ -43,7 +42,7 @@ def tiny():
 
 def test_float_parity_and_static_batch(tiny):
     x = np.random.default_rng(0).uniform(size=(40, 28, 28, 1)).astype("float32")
-    res = export.to_tflite(tiny, mode="float", sample=x)
+    res = deploy.to_tflite(tiny, mode="float", sample=x)
     r = res.report
     assert r.inputs[0]["shape_signature"] == [1, 28, 28, 1]  # static batch 1
     assert r.parity.passed and r.parity.samples == 40
@@ -57,39 +56,20 @@ def test_float_parity_and_static_batch(tiny):
 
 
 def test_dynamic_batch_is_kept_when_asked(tiny):
-    res = export.to_tflite(tiny, mode="float", batch_size=None)
+    res = deploy.to_tflite(tiny, mode="float", batch_size=None)
     assert res.report.inputs[0]["shape_signature"][0] == -1
     x = np.random.default_rng(1).uniform(size=(7, 28, 28, 1)).astype("float32")
     np.testing.assert_allclose(res.predict(x), tiny.predict(x, verbose=0), atol=1e-5)
 
 
-def test_read_tflite_matches_litert_tables(tiny, fashion_small):
-    x = fashion_small[0][0][:100]
-    res = export.to_tflite(tiny, mode="int8", representative_data=x, check=False)
-    graph = export.read_tflite(res.flatbuffer)
-    it = Interpreter(model_content=res.flatbuffer,
-                     experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
-    it.allocate_tensors()
-    assert graph.op_names == [d["op_name"] for d in it._get_ops_details()]
-    by_index = {d["index"]: d for d in it.get_tensor_details()}
-    for t in graph.tensors:
-        d = by_index[t.index]
-        assert t.name == d["name"]
-        assert t.shape == list(d["shape"])
-        assert np.dtype(t.dtype) == np.dtype(d["dtype"])
-        qp = d["quantization_parameters"]
-        np.testing.assert_allclose(t.scale, qp["scales"], rtol=1e-7)
-        np.testing.assert_array_equal(t.zero_point, qp["zero_points"])
-
-
 @pytest.mark.parametrize("io_dtype", ["int8", "uint8", "float32"])
 def test_int8_io_types_and_runner(tiny, fashion_small, io_dtype):
     x = fashion_small[0][0][:200]
-    res = export.to_tflite(tiny, mode="int8", representative_data=x, io_dtype=io_dtype,
+    res = deploy.to_tflite(tiny, mode="int8", representative_data=x, io_dtype=io_dtype,
                            min_agreement=0.0)
     assert res.report.inputs[0]["dtype"] == io_dtype
     assert res.report.outputs[0]["dtype"] == io_dtype
-    graph = export.read_tflite(res.flatbuffer)
+    graph = deploy.read_tflite(res.flatbuffer)
     kinds = {graph.tensor(i).dtype for op in graph.ops if op.name == "CONV_2D"
              for i in op.outputs}
     assert kinds == {"int8"}  # activations are integer inside, whatever the io type
@@ -100,10 +80,10 @@ def test_int8_io_types_and_runner(tiny, fashion_small, io_dtype):
 
 
 def test_dynamic_range_mode(tiny, fashion_small):
-    res = export.to_tflite(tiny, mode="dynamic", sample=fashion_small[1][0][:100],
+    res = deploy.to_tflite(tiny, mode="dynamic", sample=fashion_small[1][0][:100],
                            min_agreement=0.9)
     assert res.report.inputs[0]["dtype"] == "float32"
-    assert res.report.tflite_bytes < export.to_tflite(tiny, check=False).report.tflite_bytes
+    assert res.report.tflite_bytes < deploy.to_tflite(tiny, check=False).report.tflite_bytes
 
 
 @pytest.mark.slow
@@ -120,7 +100,7 @@ def test_int8_top1_agreement_on_fashion_mnist_test_set(data_dir, tfds_dir):
         keras.layers.Flatten(), keras.layers.Dense(10, activation="softmax")])
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     model.fit(x, y, batch_size=128, epochs=1, verbose=0)
-    res = export.to_tflite(model, mode="int8", representative_data=x[:500], sample=xt)
+    res = deploy.to_tflite(model, mode="int8", representative_data=x[:500], sample=xt)
     p = res.report.parity
     print(p.to_text())
     assert p.samples == 10_000 and p.passed and p.top1_agreement >= 0.99
@@ -136,33 +116,33 @@ def test_int8_top1_agreement_on_fashion_mnist_test_set(data_dir, tfds_dir):
 
 def test_representative_data_wrong_shape_names_expected_shape(tiny):
     with pytest.raises(ValueError, match=r"expects \(N, 28, 28, 1\)"):
-        export.to_tflite(tiny, mode="int8", representative_data=np.zeros((10, 28, 28), "f4"))
+        deploy.to_tflite(tiny, mode="int8", representative_data=np.zeros((10, 28, 28), "f4"))
 
 
 def test_representative_data_wrong_dtype(tiny):
     with pytest.raises(TypeError, match=r"dtype uint8.*float32.*\(N, 28, 28, 1\)"):
-        export.to_tflite(tiny, mode="int8",
+        deploy.to_tflite(tiny, mode="int8",
                          representative_data=np.zeros((10, 28, 28, 1), np.uint8))
 
 
 def test_representative_data_generator_and_dataset_forms(tiny, fashion_small):
     x = fashion_small[0][0][:64]
     ds = tf.data.Dataset.from_tensor_slices((x, fashion_small[0][1][:64])).batch(16)
-    a = export.to_tflite(tiny, mode="int8", representative_data=ds, check=False)
-    b = export.to_tflite(tiny, mode="int8", representative_data=lambda: ([x[i:i + 1]]
+    a = deploy.to_tflite(tiny, mode="int8", representative_data=ds, check=False)
+    b = deploy.to_tflite(tiny, mode="int8", representative_data=lambda: ([x[i:i + 1]]
                                                                           for i in range(64)),
                          check=False)
-    c = export.to_tflite(tiny, mode="int8", representative_data=x, check=False)
+    c = deploy.to_tflite(tiny, mode="int8", representative_data=x, check=False)
     assert a.report.inputs[0]["scale"] == b.report.inputs[0]["scale"] == \
         c.report.inputs[0]["scale"]
     bad = tf.data.Dataset.from_tensor_slices(np.zeros((8, 32, 32, 1), "f4")).batch(4)
     with pytest.raises(ValueError, match="expects"):
-        export.to_tflite(tiny, mode="int8", representative_data=bad)
+        deploy.to_tflite(tiny, mode="int8", representative_data=bad)
 
 
 def test_int8_requires_representative_data(tiny):
     with pytest.raises(ValueError, match="representative_data"):
-        export.to_tflite(tiny, mode="int8")
+        deploy.to_tflite(tiny, mode="int8")
 
 
 @pytest.mark.parametrize("kwargs, name", [
@@ -173,12 +153,12 @@ def test_int8_requires_representative_data(tiny):
 ])
 def test_bad_arguments_are_named(tiny, kwargs, name):
     with pytest.raises(ValueError, match=name):
-        export.to_tflite(tiny, **kwargs)
+        deploy.to_tflite(tiny, **kwargs)
 
 
 def test_not_a_keras2_model():
     with pytest.raises(TypeError, match="model"):
-        export.to_tflite("model.keras")
+        deploy.to_tflite("model.keras")
 
 
 def _lambda_model(fn):
@@ -193,10 +173,10 @@ def test_op_without_int8_kernel_is_named():
     """TFLite keeps CUMSUM in float even with int8-only ops: caught and named."""
     model = _lambda_model(lambda t: tf.math.cumsum(t, axis=1))
     x = np.random.default_rng(0).uniform(size=(20, 8, 8, 1)).astype("float32")
-    with pytest.raises(export.ConversionError, match=r"CUMSUM \(op #\d+") as e:
-        export.to_tflite(model, mode="int8", representative_data=x)
+    with pytest.raises(deploy.ConversionError, match=r"CUMSUM \(op #\d+") as e:
+        deploy.to_tflite(model, mode="int8", representative_data=x)
     assert "allow_float_ops" in str(e.value)
-    res = export.to_tflite(model, mode="int8", representative_data=x, allow_float_ops=True,
+    res = deploy.to_tflite(model, mode="int8", representative_data=x, allow_float_ops=True,
                            min_agreement=0.0)
     assert any("CUMSUM" in n for n in res.report.notes)
     assert "CUMSUM" in res.report.ops
@@ -204,8 +184,8 @@ def test_op_without_int8_kernel_is_named():
 
 def test_converter_error_names_the_op_and_chains_the_cause():
     model = _lambda_model(tf.math.erf)
-    with pytest.raises(export.ConversionError) as e:
-        export.to_tflite(model, mode="float")
+    with pytest.raises(deploy.ConversionError) as e:
+        deploy.to_tflite(model, mode="float")
     msg = str(e.value)
     assert "tf.Erf" in msg and "odd" in msg  # the op and the Keras layer it came from
     assert "callsite(" not in msg  # not the raw MLIR dump
@@ -213,8 +193,8 @@ def test_converter_error_names_the_op_and_chains_the_cause():
 
 
 def test_parity_failure_raises_with_report(tiny):
-    with pytest.raises(export.ParityError) as e:
-        export.to_tflite(tiny, mode="float", atol=1e-12)
+    with pytest.raises(deploy.ParityError) as e:
+        deploy.to_tflite(tiny, mode="float", atol=1e-12)
     p = e.value.report.parity
     assert not p.passed and p.max_abs_diff > 1e-12
 
@@ -222,7 +202,7 @@ def test_parity_failure_raises_with_report(tiny):
 def test_save_writes_tflite_and_json(tiny, tmp_path):
     import json
 
-    res = export.to_tflite(tiny, path=str(tmp_path / "m.tflite"))
+    res = deploy.to_tflite(tiny, path=str(tmp_path / "m.tflite"))
     assert (tmp_path / "m.tflite").read_bytes() == res.flatbuffer
     data = json.loads((tmp_path / "m.json").read_text())
     assert data["tflite_bytes"] == len(res.flatbuffer) and data["parity"]["passed"]
@@ -242,13 +222,13 @@ def _trained_bnn(fashion_small, **kw):
 def test_lce_bnn_converts_to_bconv_and_matches(fashion_small):
     model = _trained_bnn(fashion_small)
     xt = fashion_small[1][0][:300]
-    res = export.to_lce(model, sample=xt)
+    res = deploy.to_lce(model, sample=xt)
     r = res.report
     # qconv2 binarizes inputs and kernel: LCE turns it into LceBconv2d
     assert r.extra["binary_conv_layers"] == ["qconv2"]
     assert r.op_counts.get("LceBconv2d") == 1 and r.extra["not_binarized"] == []
     assert r.parity.passed and r.parity.top1_agreement >= 0.99
-    direct = export.Runner(res.flatbuffer, "lce").predict(xt)
+    direct = deploy.Runner(res.flatbuffer, "lce").predict(xt)
     np.testing.assert_allclose(direct, model.predict(xt, verbose=0), atol=1e-4)
 
 
@@ -257,7 +237,7 @@ def test_lce_with_foothill_quantizer(fashion_small):
 
     model = _trained_bnn(fashion_small, input_quantizer="foothill_sign",
                          kernel_quantizer="foothill_sign")
-    res = export.to_lce(model, sample=fashion_small[1][0][:300])
+    res = deploy.to_lce(model, sample=fashion_small[1][0][:300])
     r = res.report
     assert r.parity.passed
     # every binary conv layer is either an LceBconv2d or reported as not binarized
@@ -295,7 +275,7 @@ def test_lce_reports_binary_layers_it_did_not_binarize(quantizer, batch_size, co
     """LCE 0.16 matches larq.math.sign always, a tf.where sign only with a static batch (where
     ones_like folds to a constant): to_lce's default batch_size=1 binarizes both."""
     model = models.bnn(input_quantizer=quantizer(), kernel_quantizer=quantizer())
-    res = export.to_lce(model, check=False, batch_size=batch_size)
+    res = deploy.to_lce(model, check=False, batch_size=batch_size)
     extra = res.report.extra
     assert extra["binary_conv_layers"] == ["qconv2"]
     if converted:
@@ -306,47 +286,10 @@ def test_lce_reports_binary_layers_it_did_not_binarize(quantizer, batch_size, co
         assert any("NOT converted to LceBconv2d" in n for n in res.report.notes)
 
 
-# ---- committed reference models (tflite_models/) ------------------------------------------
-
-
-@pytest.mark.slow
-def test_reference_models_match_their_manifest(data_dir, tfds_dir):
-    """The committed files are the ones the manifest describes, and its numbers hold: the
-    arena is re-measured in TFLite Micro and the accuracy on the real test set re-measured in
-    each model's interpreter."""
-    import hashlib
-    import json
-    import os
-    import re
-
-    from tfqreg import datasets, micro
-
-    root = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tflite_models")
-    manifest = json.load(open(os.path.join(root, "manifest.json")))
-    _, (xt, yt) = datasets.load_numpy("fashion_mnist", data_dir, tfds_dir)
-    assert set(manifest["models"]) == {"fmnist_cnn_int8", "fmnist_bnn_lce"}
-    for name, entry in manifest["models"].items():
-        data = open(os.path.join(root, entry["file"]), "rb").read()
-        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
-        assert len(data) == entry["size_bytes"]
-        backend = "lce" if name.endswith("lce") else "litert"
-        acc = float(np.mean(export.Runner(data, backend).predict(xt).argmax(1) == yt))
-        assert acc == pytest.approx(entry["accuracy"], abs=1e-9)
-        assert acc > 0.75
-        assert export.read_tflite(data).op_names == entry["ops"]
-        if entry["arena_bytes_measured"] is not None:
-            assert micro.measure_arena(data) == entry["arena_bytes_measured"]
-            cc = open(os.path.join(root, entry["c_source"][0])).read()
-            body = cc[cc.index("{") + 1:cc.index("};")]
-            assert bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", body)) == data
-            h = open(os.path.join(root, entry["c_source"][1])).read()
-            assert f"kTensorArenaSize = {entry['tensor_arena_size']};" in h
-
-
 def test_lce_binarizes_foothill_sign_at_any_batch_size():
     """FoothillSign's forward is written as larq.math.sign writes it, so LCE packs the binary
     convolution with a dynamic batch too."""
     model = models.bnn(input_quantizer="foothill_sign", kernel_quantizer="foothill_sign")
-    res = export.to_lce(model, check=False, batch_size=None)
+    res = deploy.to_lce(model, check=False, batch_size=None)
     assert res.report.extra["lce_bconv2d"] == 1 and res.report.extra["not_binarized"] == []
     assert "LceBconv2d" in res.report.ops

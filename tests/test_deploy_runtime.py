@@ -1,0 +1,95 @@
+"""tfqreg.deploy.runtime: the three interpreters behind one Runner, and the committed models.
+
+Oracles: NumPy closed forms for the affine (de)quantization, LiteRT driven directly, and the
+numbers tflite_models/manifest.json records for the committed files.
+"""
+
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from ai_edge_litert.interpreter import Interpreter
+
+from tfqreg import datasets, deploy
+from tfqreg.deploy import runtime
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.join(REPO, "tflite_models")
+CNN = os.path.join(ROOT, "fmnist_cnn_int8.tflite")
+
+
+def test_quantize_and_dequantize_closed_forms():
+    x = np.array([-2.0, -0.26, 0.0, 0.24, 0.26, 5.0], np.float32)
+    q = runtime.quantize(x, "int8", 0.5, 3)
+    np.testing.assert_array_equal(q, np.clip(np.round(x / 0.5 + 3), -128, 127).astype(np.int8))
+    assert q.dtype == np.int8
+    assert runtime.quantize(np.array([1e6]), "uint8", 0.1, 0)[0] == 255  # clipped
+    np.testing.assert_array_equal(runtime.dequantize(q, 0.5, 3),
+                                  ((q.astype(np.float32) - 3) * 0.5))
+    assert runtime.quantize(x, "float32", 0.0, 0).dtype == np.float32
+    np.testing.assert_array_equal(runtime.dequantize(x, 0.5, 3), x)  # float: a cast
+    with pytest.raises(ValueError, match="without quantization parameters"):
+        runtime.quantize(x, "int8", 0.0, 0)
+
+
+def test_runner_matches_litert_driven_directly():
+    flat = open(CNN, "rb").read()
+    x = np.random.default_rng(0).uniform(size=(5, 28, 28, 1)).astype(np.float32)
+    it = Interpreter(model_content=flat)
+    it.allocate_tensors()
+    d, o = it.get_input_details()[0], it.get_output_details()[0]
+    (s, z), (so, zo) = d["quantization"], o["quantization"]
+    want = []
+    for xi in x:
+        it.set_tensor(d["index"], np.clip(np.round(xi[None] / s + z), -128, 127).astype(np.int8))
+        it.invoke()
+        want.append(it.get_tensor(o["index"]).copy())
+    want = np.concatenate(want)
+    r = deploy.Runner(flat, kernels="builtin")
+    np.testing.assert_array_equal(r.predict(x, raw=True), want)
+    np.testing.assert_allclose(r.predict(x), (want.astype(np.float32) - zo) * so)
+
+
+def test_runner_arguments():
+    with pytest.raises(ValueError, match="backend"):
+        deploy.Runner(CNN, "gpu")
+    with pytest.raises(ValueError, match="kernels"):
+        deploy.Runner(CNN, kernels="fast")
+    with pytest.raises(ValueError, match="1 inputs, got 2"):
+        deploy.Runner(CNN).predict([np.zeros((1, 28, 28, 1))] * 2)
+
+
+@pytest.mark.parametrize("backend", deploy.Runner.BACKENDS)
+def test_damaged_file_is_a_value_error_in_every_runner(backend):
+    data = open(CNN, "rb").read()
+    with pytest.raises(ValueError, match="truncated or damaged"):
+        deploy.Runner(data[: len(data) // 2], backend)
+
+
+@pytest.mark.slow
+def test_reference_models_match_their_manifest(data_dir, tfds_dir):
+    """The committed files are the ones the manifest describes, and its numbers hold: the
+    arena is re-measured in TFLite Micro and the accuracy on the real test set re-measured in
+    each model's interpreter."""
+    manifest = json.load(open(os.path.join(ROOT, "manifest.json")))
+    _, (xt, yt) = datasets.load_numpy("fashion_mnist", data_dir, tfds_dir)
+    assert set(manifest["models"]) == {"fmnist_cnn_int8", "fmnist_bnn_lce"}
+    for name, entry in manifest["models"].items():
+        data = open(os.path.join(ROOT, entry["file"]), "rb").read()
+        assert hashlib.sha256(data).hexdigest() == entry["sha256"]
+        assert len(data) == entry["size_bytes"]
+        backend = "lce" if name.endswith("lce") else "litert"
+        acc = float(np.mean(deploy.Runner(data, backend).predict(xt).argmax(1) == yt))
+        assert acc == pytest.approx(entry["accuracy"], abs=1e-9)
+        assert acc > 0.75
+        assert deploy.read_tflite(data).op_names == entry["ops"]
+        if entry["arena_bytes_measured"] is not None:
+            assert deploy.measure_arena(data) == entry["arena_bytes_measured"]
+            cc = open(os.path.join(ROOT, entry["c_source"][0])).read()
+            body = cc[cc.index("{") + 1:cc.index("};")]
+            assert bytes(int(h, 16) for h in re.findall(r"0x([0-9a-f]{2})", body)) == data
+            h = open(os.path.join(ROOT, entry["c_source"][1])).read()
+            assert f"kTensorArenaSize = {entry['tensor_arena_size']};" in h

@@ -1,0 +1,76 @@
+"""Deployment: ship a Keras model to edge hardware, and know what you shipped.
+
+The last station of tfqreg (build -> train -> quantize -> **ship**) is a package of modules
+that import downward only, one concern each. In the order a model passes through them:
+
+1. **read** (:mod:`~tfqreg.deploy.tflite_file`): :func:`read_tflite` decodes a ``.tflite``
+   (bytes, a path, or anything carrying ``.flatbuffer``) through TensorFlow's schema into a
+   :class:`TfliteGraph` of ops and tensors (dtype, shape signature, quantization). A damaged
+   file is a ``ValueError``.
+2. **run** (:mod:`~tfqreg.deploy.runtime`): :class:`Runner` runs a flatbuffer on NumPy batches
+   in LiteRT, Larq Compute Engine or TFLite Micro, float in and float out.
+3. **report** (:mod:`~tfqreg.deploy.report`): :class:`ExportResult` (bytes, path,
+   :class:`ExportReport`) and :class:`ParityReport`: data first, ``to_text()`` / ``to_json()``.
+4. **shared by every converter** (:mod:`~tfqreg.deploy.samples`): representative data ->
+   float32 samples, input specs, the static-batch model, the parity check against Keras.
+5. **convert** (:mod:`~tfqreg.deploy.convert`): :func:`to_tflite` (float, dynamic-range,
+   full-integer int8) and :func:`to_lce` (Larq BNNs), each checked in the interpreter that will
+   run it; :func:`load_model` for saved models; :class:`ConversionError` names the op,
+   :class:`ParityError` carries the report.
+6. **check targets**: :func:`check_edgetpu` (:mod:`~tfqreg.deploy.edgetpu`: which op the Coral
+   compiler would cut at, and why) and :func:`to_micro` (:mod:`~tfqreg.deploy.micro`: an int8
+   model checked in TFLite Micro, its measured arena, C++ source).
+7. **command line** (:mod:`~tfqreg.deploy.cli`): ``tfqreg export MODEL --target
+   tflite|int8|edgetpu|micro|lce --out DIR``.
+
+A new converter (e.g. a low-bit one) sits beside :mod:`~tfqreg.deploy.convert`: it uses
+:mod:`~tfqreg.deploy.samples` and :func:`~tfqreg.deploy.convert.finish_export`, and its files
+are checked by the same readers, runners and target rules.
+
+>>> import numpy as np
+>>> from tfqreg import models
+>>> from tfqreg import deploy
+>>> model = models.tiny_cnn()
+>>> x = np.random.rand(64, 28, 28, 1).astype("float32")
+>>> res = deploy.to_tflite(model, mode="int8", representative_data=x,
+...                        path="m_int8.tflite")                  # doctest: +SKIP
+>>> print(res.report)                                              # doctest: +SKIP
+>>> deploy.read_tflite(res).op_names                               # doctest: +SKIP
+>>> deploy.Runner(res, "micro").predict(x[:4])                     # doctest: +SKIP
+>>> print(deploy.check_edgetpu(res))                               # doctest: +SKIP
+>>> print(deploy.to_micro(model, x, "out/", name="tiny"))          # doctest: +SKIP
+
+``tfqreg.export``, ``tfqreg.edgetpu`` and ``tfqreg.micro`` re-export these names under their
+earlier module names.
+"""
+
+from tfqreg.deploy.tflite_file import (OpInfo, TensorInfo, TfliteGraph, as_flatbuffer,
+                                       read_tflite)
+from tfqreg.deploy.runtime import Runner
+from tfqreg.deploy.report import ExportReport, ExportResult, ParityReport
+from tfqreg.deploy.samples import CALIBRATION_SAMPLES, CHECK_SAMPLES
+from tfqreg.deploy.convert import (IO_DTYPES, MODES, ConversionError, ParityError, load_model,
+                                   to_lce, to_tflite)
+from tfqreg.deploy.edgetpu import CHECKED_LIMITS, SUPPORTED_OPS, EdgeTpuReport, OpCheck, \
+    check_edgetpu
+from tfqreg.deploy.micro import (OP_RESOLVER_METHODS, MicroResult, c_source, measure_arena,
+                                 micro_runs_with, resolver_methods, to_micro)
+from tfqreg.deploy.cli import TARGETS
+
+__all__ = [
+    # read
+    "TensorInfo", "OpInfo", "TfliteGraph", "as_flatbuffer", "read_tflite",
+    # run
+    "Runner",
+    # report
+    "ParityReport", "ExportReport", "ExportResult",
+    # convert
+    "MODES", "IO_DTYPES", "CALIBRATION_SAMPLES", "CHECK_SAMPLES", "ConversionError",
+    "ParityError", "to_tflite", "to_lce", "load_model",
+    # check targets
+    "SUPPORTED_OPS", "CHECKED_LIMITS", "OpCheck", "EdgeTpuReport", "check_edgetpu",
+    "OP_RESOLVER_METHODS", "MicroResult", "measure_arena", "micro_runs_with",
+    "resolver_methods", "c_source", "to_micro",
+    # command line
+    "TARGETS",
+]

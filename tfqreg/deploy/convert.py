@@ -1,0 +1,498 @@
+"""Converting Keras models: TFLite (float, dynamic-range, full-integer int8) and Larq Compute
+Engine, each checked against Keras in the interpreter that will run it; loading saved models.
+
+Every converter returns an :class:`~tfqreg.deploy.report.ExportResult`: the flatbuffer bytes,
+the path it was written to (if any) and an :class:`~tfqreg.deploy.report.ExportReport` (ops,
+tensors, sizes, parity numbers) that prints as text and saves as JSON.
+
+>>> import numpy as np
+>>> from tfqreg import models
+>>> from tfqreg.deploy import to_tflite
+>>> model = models.tiny_cnn()
+>>> result = to_tflite(model, mode="float")                    # doctest: +SKIP
+>>> result.report.parity.max_abs_diff < 1e-5                   # doctest: +SKIP
+True
+>>> x = np.random.rand(64, 28, 28, 1).astype("float32")
+>>> result = to_tflite(model, mode="int8", representative_data=x,
+...                    check=False)                            # doctest: +SKIP
+>>> print(result.report.to_text())                             # doctest: +SKIP
+
+What each mode means:
+
+* ``"float"``: float32 weights and activations. Parity: max |TFLite − Keras| ≤ ``atol``
+  (default 1e-5) on the sample.
+* ``"dynamic"``: int8 weights, float activations (dynamic-range quantization). Parity: top-1
+  agreement ≥ ``min_agreement``.
+* ``"int8"``: full-integer: int8 weights and activations, inputs/outputs int8, uint8 or float32
+  (``io_dtype``). Needs ``representative_data`` (calibration inputs shaped like the model's
+  input). Parity: top-1 agreement ≥ ``min_agreement`` (default 0.99). An op that TFLite cannot
+  quantize is an error naming the op (``allow_float_ops=True`` keeps it in float instead, which
+  TFLite Micro and the Edge TPU then cannot run).
+
+The batch dimension is fixed to ``batch_size`` (default 1) by re-building the model on a fixed
+input, as microcontrollers and the Edge TPU need static shapes; ``batch_size=None`` keeps it
+dynamic. Conversion errors become :class:`ConversionError` naming the offending op (the
+converter's exception is chained as ``__cause__``); a failed parity check is a
+:class:`ParityError` carrying the report.
+
+The shared steps (data -> samples, static batch, parity) are :mod:`tfqreg.deploy.samples`; a
+new converter (e.g. a low-bit one) uses them and :func:`finish_export` the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from tfqreg._keras import check_keras2, keras, tf
+from tfqreg.deploy.report import ExportReport, ExportResult
+from tfqreg.deploy.runtime import Runner
+from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, input_specs, measure_parity,
+                                   sample_inputs, static_model, to_samples)
+from tfqreg.deploy.tflite_file import TfliteGraph, read_tflite
+
+__all__ = ["MODES", "IO_DTYPES", "ConversionError", "ParityError", "check_arguments",
+           "explain_converter_error", "finish_export", "to_tflite", "to_lce", "load_model"]
+
+MODES = ("float", "dynamic", "int8")
+IO_DTYPES = ("int8", "uint8", "float32")
+
+
+class ConversionError(RuntimeError):
+    """A model could not be converted; the message names the op (and layer) where it could."""
+
+
+class ParityError(AssertionError):
+    """The converted model disagrees with Keras beyond the tolerance; ``.report`` has numbers.
+
+    Args:
+        message: what failed.
+        report: the :class:`~tfqreg.deploy.report.ExportReport` with the parity numbers.
+    """
+
+    def __init__(self, message: str, report: ExportReport):
+        super().__init__(message)
+        self.report = report
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments.
+# --------------------------------------------------------------------------------------------
+
+
+def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
+                    batch_size: Optional[int] = 1, representative_data: Any = None,
+                    min_agreement: float = 0.99, atol: float = 1e-5) -> None:
+    """The one place export arguments are checked (``None`` for ``mode`` / ``io_dtype``: not
+    checked).
+
+    Raises:
+        ValueError: naming the argument.
+    """
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
+    if io_dtype is not None and io_dtype not in IO_DTYPES:
+        raise ValueError(f"`io_dtype` must be one of {IO_DTYPES}, got {io_dtype!r}.")
+    if mode == "int8" and representative_data is None:
+        raise ValueError(
+            "`representative_data` is required for mode='int8': pass a few hundred typical "
+            "inputs (an array shaped like the model's input with a batch axis, a tf.data.Dataset "
+            "or a generator) so the converter can calibrate the activation ranges."
+        )
+    if mode is not None and mode != "int8" and io_dtype not in (None, "float32"):
+        raise ValueError(f"`io_dtype`={io_dtype!r} needs mode='int8' (mode is {mode!r}).")
+    if batch_size is not None and (isinstance(batch_size, bool)
+                                   or not isinstance(batch_size, (int, np.integer))
+                                   or batch_size < 1):
+        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
+    if not 0.0 <= float(min_agreement) <= 1.0:
+        raise ValueError(f"`min_agreement` must be in [0, 1], got {min_agreement!r}.")
+    if not float(atol) >= 0:
+        raise ValueError(f"`atol` must be >= 0, got {atol!r}.")
+
+
+# --------------------------------------------------------------------------------------------
+# Converter errors: name the op.
+# --------------------------------------------------------------------------------------------
+
+_OP_PATTERNS = (
+    re.compile(r"'(tf\.\w+|tfl\.\w+)' op is neither a custom op nor a flex op"),
+    re.compile(r"failed to legalize operation '(tf\.\w+|tfl\.\w+)'"),
+    re.compile(r"Quantization not yet supported for op: '?(\w+)'?"),
+    re.compile(r"'(tfl\.\w+|tf\.\w+)' op"),
+)
+_LOC = re.compile(r'callsite\("([^"@]+)@')
+_SELECT = re.compile(r"TF Select ops: ([^\n]+)")
+
+
+def _locate_tf_op(model: Any, op_type: str) -> List[str]:
+    """Names of the TensorFlow nodes of type ``op_type`` in ``model``'s inference graph (their
+    name paths carry the Keras layer names, e.g. ``model/my_lambda/Erf``)."""
+    try:
+        specs = input_specs(model)
+        fn = tf.function(lambda *a: model(a[0] if len(a) == 1 else list(a), training=False))
+        graph_def = fn.get_concrete_function(*specs).graph.as_graph_def()
+    except Exception:  # locating is best effort; the conversion error is what matters
+        return []
+    names = [n.name for n in graph_def.node if n.op == op_type]
+    for f in graph_def.library.function:
+        names += [n.name for n in f.node_def if n.op == op_type]
+    return names
+
+
+def explain_converter_error(exc: BaseException, what: str, model: Any = None) -> str:
+    """A one-paragraph message for a converter exception: the op it failed at, the graph node
+    (and so the Keras layer) where it can be found, the first error line.
+
+    Args:
+        exc: what the converter raised.
+        what: the conversion, e.g. ``"TFLite conversion (int8)"``.
+        model: the Keras model, to locate a TensorFlow op by type when the message has no
+            location.
+    """
+    text = str(exc)
+    op = None
+    for pat in _OP_PATTERNS:
+        m = pat.search(text)
+        if m:
+            op = m.group(1)
+            break
+    where = None
+    if op:
+        short = op.split(".", 1)[-1]
+        locs = [loc for loc in _LOC.findall(text) if loc.rsplit("/", 1)[-1].startswith(short)]
+        if not locs and model is not None and op.startswith("tf."):
+            locs = _locate_tf_op(model, short)
+        where = locs[0] if locs else None
+    select = _SELECT.search(text)
+    first = next((ln.strip() for ln in text.splitlines() if "error:" in ln), text.splitlines()[0]
+                 if text else type(exc).__name__)
+    first = first.split("error:", 1)[-1].strip()
+    msg = f"{what} failed"
+    if op:
+        msg += f" at op {op}" + (f" (graph node '{where}')" if where else "")
+    msg += f": {first}"
+    if select:
+        msg += (f". TFLite has no builtin kernel for: {select.group(1).strip()}; replace that "
+                "operation in the model (TF Select/Flex ops cannot run on microcontrollers or "
+                "the Edge TPU)")
+    return msg + f". [{type(exc).__name__}; the converter's full message is in __cause__]"
+
+
+# --------------------------------------------------------------------------------------------
+# Report + parity.
+# --------------------------------------------------------------------------------------------
+
+
+def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtype: str,
+                  batch_size: Optional[int], check: bool,
+                  sample_xs: Optional[List[np.ndarray]], backend: str, atol: float,
+                  min_agreement: float, path: Optional[str] = None,
+                  notes: Sequence[str] = (),
+                  extra: Optional[Dict[str, Any]] = None) -> ExportResult:
+    """What every converter does last: report, parity check, write, raise on a failed check.
+
+    Args:
+        model: the Keras model that was converted.
+        flatbuffer: the converter's output.
+        target, mode, io_dtype, batch_size: for the report (see ``ExportReport``).
+        check: run the parity check on ``sample_xs`` in ``backend``.
+        sample_xs: the check's inputs (:func:`~tfqreg.deploy.samples.sample_inputs`).
+        backend: a :class:`~tfqreg.deploy.runtime.Runner` backend.
+        atol, min_agreement: the check's thresholds (see
+            :func:`~tfqreg.deploy.samples.measure_parity`).
+        path: write the ``.tflite`` and its JSON report here (also when the check fails).
+        notes, extra: added to the report.
+
+    Returns:
+        An :class:`~tfqreg.deploy.report.ExportResult`.
+
+    Raises:
+        ParityError: the check failed (the report is in ``.report``).
+    """
+    report = ExportReport.from_flatbuffer(flatbuffer, model.count_params(), target, mode,
+                                          io_dtype, batch_size, list(notes), extra)
+    result = ExportResult(flatbuffer, report)
+    if check:
+        report.parity = measure_parity(model, Runner(flatbuffer, backend), sample_xs, mode,
+                                       atol, min_agreement)
+    if path is not None:
+        result.save(path)
+    if check and not report.parity.passed:
+        raise ParityError(
+            f"{target} ({mode}) model does not match Keras: {report.parity.to_text()}. The "
+            "model and the report are in `.report`; pass check=False to skip the check.", report)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# TFLite.
+# --------------------------------------------------------------------------------------------
+
+
+def _float_ops(graph: TfliteGraph) -> List[str]:
+    """Ops that compute in float inside a model meant to be full-integer (the QUANTIZE and
+    DEQUANTIZE that convert float model inputs/outputs at the boundary excepted)."""
+    boundary = set(graph.inputs) | set(graph.outputs)
+    bad = []
+    for op in graph.ops:
+        ts = [graph.tensor(i) for i in op.inputs + op.outputs if i >= 0]
+        flt = [t for t in ts if t.dtype in ("float32", "float16") and not t.constant]
+        if op.name == "QUANTIZE" and all(t.index in boundary for t in flt):
+            continue
+        if op.name == "DEQUANTIZE" and all(t.index in boundary for t in flt):
+            continue
+        if op.name in ("QUANTIZE", "DEQUANTIZE"):
+            continue  # the float op they feed is reported instead
+        if flt or any(t.dtype in ("float32", "float16") for t in ts if t.constant):
+            out = graph.tensor(op.outputs[0]).name if op.outputs else "?"
+            bad.append(f"{op.name} (op #{op.index}, output '{out}')")
+    return bad
+
+
+def to_tflite(
+    model: Any,
+    mode: str = "float",
+    representative_data: Any = None,
+    io_dtype: Optional[str] = None,
+    batch_size: Optional[int] = 1,
+    check: bool = True,
+    sample: Any = None,
+    path: Optional[str] = None,
+    atol: float = 1e-5,
+    min_agreement: float = 0.99,
+    allow_float_ops: bool = False,
+    calibration_samples: int = CALIBRATION_SAMPLES,
+) -> ExportResult:
+    """Convert a Keras model to TFLite and check it against Keras in the LiteRT interpreter.
+
+    Args:
+        model: a built ``tf_keras`` model.
+        mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations) or ``"int8"``
+            (full integer).
+        representative_data: calibration inputs for ``"int8"`` (see module docstring for the
+            accepted forms); the first ``calibration_samples`` are used.
+        io_dtype: model input/output type for ``"int8"``: ``"int8"`` (default), ``"uint8"`` or
+            ``"float32"``; the other modes are float32.
+        batch_size: static batch size of the exported model; ``None`` keeps it dynamic.
+        check: run the parity check (raises :class:`ParityError` when it fails).
+        sample: inputs for the parity check; default: the representative data, or (float and
+            dynamic modes without data) 64 uniform random inputs in [0, 1].
+        path: write the ``.tflite`` (and its JSON report) here.
+        atol: float-mode tolerance on max |TFLite − Keras|.
+        min_agreement: dynamic/int8-mode minimum top-1 agreement with Keras.
+        allow_float_ops: int8 mode: keep ops TFLite cannot quantize in float (noted in the
+            report) instead of raising.
+        calibration_samples: how many representative samples calibrate the ranges.
+
+    Returns:
+        An :class:`~tfqreg.deploy.report.ExportResult`.
+
+    Raises:
+        ConversionError: the converter failed (names the op where it can), or an int8 model
+            still computes some op in float.
+        ParityError: ``check`` is on and the TFLite model does not match Keras.
+    """
+    check_keras2(model, "model", keras.Model)
+    io_dtype = io_dtype or ("int8" if mode == "int8" else "float32")
+    check_arguments(mode, io_dtype, batch_size, representative_data, min_agreement, atol)
+    specs = input_specs(model)
+    rep_xs = None
+    if representative_data is not None:
+        rep_xs = to_samples(representative_data, specs, "representative_data",
+                            calibration_samples)
+    xs = sample_inputs(specs, sample, rep_xs) if check else None
+    static = static_model(model, batch_size)
+    conv = tf.lite.TFLiteConverter.from_keras_model(static)
+    if mode in ("dynamic", "int8"):
+        conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    if mode == "int8":
+        b = batch_size or 1
+        n = len(rep_xs[0]) // b * b or len(rep_xs[0])
+
+        def representative():
+            for start in range(0, n, b):
+                yield [a[start:start + b] for a in rep_xs]
+
+        conv.representative_dataset = representative
+        conv.target_spec.supported_ops = (
+            [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+            if allow_float_ops else [tf.lite.OpsSet.TFLITE_BUILTINS_INT8])
+        conv.inference_input_type = getattr(tf, io_dtype)
+        conv.inference_output_type = getattr(tf, io_dtype)
+    try:
+        flat = conv.convert()
+    except Exception as e:  # the converter raises ConverterError and friends
+        raise ConversionError(explain_converter_error(e, f"TFLite conversion ({mode})",
+                                                      model)) from e
+    notes = []
+    if mode == "int8":
+        bad = _float_ops(read_tflite(flat))
+        if bad and not allow_float_ops:
+            raise ConversionError(
+                f"int8 conversion left {len(bad)} op(s) computing in float: {'; '.join(bad)}. "
+                "TFLite has no int8 kernel for them, so the model is not full-integer (it would "
+                "not run on TFLite Micro int8 builds or the Edge TPU). Replace those operations, "
+                "or pass allow_float_ops=True to keep them in float."
+            )
+        notes += [f"kept in float: {b}" for b in bad]
+    return finish_export(model, flat, "tflite", mode, io_dtype, batch_size, check, xs, "litert",
+                         atol, min_agreement, path, notes)
+
+
+# --------------------------------------------------------------------------------------------
+# Larq Compute Engine.
+# --------------------------------------------------------------------------------------------
+
+
+def _binary_layers(model: Any) -> List[str]:
+    """Names of larq Conv layers whose input AND kernel quantizers are 1-bit: the ones LCE can
+    turn into ``LceBconv2d``."""
+    try:
+        import larq as lq
+    except ImportError:  # pragma: no cover
+        return []
+    names = []
+
+    def walk(layer):
+        for sub in getattr(layer, "layers", []) or []:
+            walk(sub)
+        if isinstance(layer, (lq.layers.QuantConv2D, lq.layers.QuantDepthwiseConv2D)) and not \
+                isinstance(layer, lq.layers.QuantDepthwiseConv2D):
+            iq, kq = layer.input_quantizer, layer.kernel_quantizer
+            if iq is not None and kq is not None and getattr(iq, "precision", None) == 1 and \
+                    getattr(kq, "precision", None) == 1:
+                names.append(layer.name)
+
+    walk(model)
+    return names
+
+
+def to_lce(
+    model: Any,
+    io_dtype: str = "float32",
+    batch_size: Optional[int] = 1,
+    check: bool = True,
+    sample: Any = None,
+    path: Optional[str] = None,
+    min_agreement: float = 0.99,
+    atol: float = 1e-5,
+) -> ExportResult:
+    """Convert a Larq BNN with Larq Compute Engine and check it in LCE's interpreter.
+
+    LCE pattern-matches larq's sign (``larq.math.sign``) in front of a convolution with a
+    binary kernel and emits ``LceQuantize`` + ``LceBconv2d`` (bit-packed weights). A sign
+    written as ``tf.where(x >= 0, 1, -1)`` is matched too, but only with a static batch size
+    (measured with LCE 0.16: with ``batch_size=None`` it stays ``GREATER_EQUAL`` + ``SELECT`` +
+    float ``CONV_2D``); tfqreg's ``foothill_sign`` is written as larq's sign is, so it is
+    matched at any batch size. The report lists the ops, how many binary conv layers became
+    ``LceBconv2d`` (``extra["binary_conv_layers"]`` vs ``op_counts["LceBconv2d"]``) and names the
+    binary layers LCE did not binarize (a quantizer whose forward pass LCE does not recognise
+    runs as a float convolution: correct, but neither small nor fast).
+
+    Args:
+        model: a built ``tf_keras`` model with larq layers.
+        io_dtype: ``"float32"`` (default) or ``"int8"`` (int8 inputs/outputs; needs
+            fake-quantized boundaries in the model).
+        batch_size, check, sample, path: as in :func:`to_tflite`.
+        min_agreement: minimum top-1 agreement with Keras.
+        atol: only reported (binary networks amplify float rounding near sign thresholds).
+
+    Returns:
+        An :class:`~tfqreg.deploy.report.ExportResult` (target ``"lce"``).
+
+    Raises:
+        ConversionError: LCE could not convert the model.
+        ParityError: ``check`` is on and top-1 agreement is below ``min_agreement``.
+    """
+    check_keras2(model, "model", keras.Model)
+    if io_dtype not in ("float32", "int8"):
+        raise ValueError(f"`io_dtype` must be 'float32' or 'int8' for LCE, got {io_dtype!r}.")
+    check_arguments(None, None, batch_size, None, min_agreement, atol)
+    import larq_compute_engine as lce
+
+    specs = input_specs(model)
+    xs = sample_inputs(specs, sample, None) if check else None
+    static = static_model(model, batch_size)
+    try:
+        flat = lce.convert_keras_model(static, inference_input_type=getattr(tf, io_dtype),
+                                       inference_output_type=getattr(tf, io_dtype))
+    except Exception as e:
+        raise ConversionError(explain_converter_error(e, "LCE conversion", model)) from e
+    graph = read_tflite(flat)
+    binary = _binary_layers(model)
+    bconv_outputs = [graph.tensor(op.outputs[0]).name for op in graph.ops
+                     if op.name == "LceBconv2d"]
+    missing = [n for n in binary if not any(f"/{n}/" in f"/{o}" for o in bconv_outputs)]
+    if len(bconv_outputs) >= len(binary):
+        missing = []  # fused names can hide the layer; the count is what matters
+    notes = []
+    if missing:
+        notes.append(
+            f"binary layer(s) {missing} were NOT converted to LceBconv2d (they run as float "
+            "CONV_2D): LCE always recognises larq's sign (larq.math.sign, as in 'ste_sign'); a "
+            "sign written as tf.where(x >= 0, 1, -1) is matched only with a static batch size "
+            "(keep batch_size=1) or not at all."
+        )
+    extra = {"binary_conv_layers": binary, "lce_bconv2d": len(bconv_outputs),
+             "not_binarized": missing}
+    return finish_export(model, flat, "lce", "lce", io_dtype, batch_size, check, xs, "lce", atol,
+                         min_agreement, path, notes, extra)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading saved models.
+# --------------------------------------------------------------------------------------------
+
+
+def _register_custom_objects() -> None:
+    """Import the modules that register tfqreg/larq objects, so saved models load."""
+    for name in ("larq", "tfqreg.quantizers", "tfqreg.regularizers", "tfqreg.quantization",
+                 "tfqreg.losses", "tfqreg.training"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+def load_model(path: str) -> Any:
+    """Load a ``.keras`` / ``.h5`` file or a SavedModel folder saved by ``tf_keras``.
+
+    Args:
+        path: the file or folder.
+
+    Returns:
+        The ``tf_keras`` model (not compiled).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist (or is a folder without ``saved_model.pb``).
+        ValueError: the file is not a Keras model.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"MODEL {path!r} does not exist (expected a .keras or .h5 file "
+                                "or a SavedModel folder).")
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
+        raise FileNotFoundError(f"MODEL {path!r} is a folder without saved_model.pb, so it is "
+                                "not a SavedModel.")
+    _register_custom_objects()
+    try:
+        try:
+            from tfqreg.quantization import quantize_scope
+        except ImportError:  # pragma: no cover
+            quantize_scope = contextlib.nullcontext
+        with quantize_scope():
+            model = keras.models.load_model(path, compile=False)
+    except Exception as e:
+        raise ValueError(f"could not load a Keras model from {path!r}: "
+                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"{path!r} holds a {type(model).__name__}, not a Keras model (a "
+                         "SavedModel written by tf.saved_model.save cannot be exported here; "
+                         "save with model.save()).")
+    return model
