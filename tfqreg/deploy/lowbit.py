@@ -26,20 +26,25 @@ weights with float activations cannot run there. Those combinations are refused 
 activations (``activations="float"``, LiteRT only) the file holds the packed weights and a
 DEQUANTIZE op in front of each float kernel: smaller file, float arithmetic.
 
-``weight_bits=2`` means INT2 FULLY_CONNECTED weights; convolutions are then stored as INT4,
-which holds a 2-bit grid exactly (its values are ``{-M, 0, M}`` = ``(M/7)·{-7, 0, 7}``). A
-mapping such as ``{"FULLY_CONNECTED": 2, "CONV_2D": 4, "DEPTHWISE_CONV_2D": 8}`` sets each op
-explicitly (ops not named get INT8); there ``"CONV_2D": 2`` is refused.
+``weight_bits`` names the file's types: ``4`` is INT4 everywhere; ``2`` is INT2
+FULLY_CONNECTED and INT4 convolutions (no runtime has INT2 convolution kernels); a mapping such
+as ``{"FULLY_CONNECTED": 2, "CONV_2D": 4, "DEPTHWISE_CONV_2D": 8}`` sets each op (ops not named
+get INT8), and there ``"CONV_2D": 2`` is refused. A type may hold a coarser grid than its
+width: the 2-bit grid of a convolution sits in INT4 as integers ``{-1, 0, 1}`` with its own
+step ``δ = max|w|``, the 4-bit grid in INT8 as ``-8..7`` with ``δ = max|w|/7``.
 
 **How the grid is carried into the file.** The input is a float ``.tflite`` whose weights
 already lie on tfqreg's grid (``tfqreg.ptq.quantize(model, 4)`` and ``TFLiteConverter``):
 ``w = δ·k``, ``k = clip(round(w/δ), -2^(b-1), 2^(b-1)-1)``, ``δ = max|w| / (2^(b-1)-1)`` per
-output channel or per tensor (:mod:`tfqreg.grid`). ai-edge-quantizer derives a symmetric weight
-scale as ``max(|min|, |max|) / (2^(b-1)-1)`` (divisor 7 for INT4, 1 for INT2, 127 for INT8 with
-the narrow range ``[-127, 127]``) in float32 and writes ``rint(w/scale)``. Handing it
-``min = -M, max = M`` with ``M = max|w|`` of each channel (or of the whole tensor, repeated per
-channel where a kernel wants per-channel scales) therefore reproduces tfqreg's ``δ`` bit for bit
-and the integers ``k`` exactly. Its ``DEQUANTIZED_WEIGHT_RECOVERY`` algorithm is not used: it
+output channel or per tensor (:mod:`tfqreg.grid`). For each weight tensor the coarsest such grid
+(``b`` from 2 up to the type's width, per channel or per tensor) is found in NumPy, exactly as
+tfqreg computes it in float32. ai-edge-quantizer derives a symmetric weight scale as
+``max(|min|, |max|) / (2^(B-1)-1)`` for a type of ``B`` bits (divisor 7 for INT4, 1 for INT2,
+127 for INT8, whose range is the narrow ``[-127, 127]``), in the dtype of the min/max it is
+given, and writes ``rint(w/scale)``. Handing it, through the calibration result, ``min = -m,
+max = m`` with ``m = δ·(2^(B-1)-1)`` in float64 per channel (the tensor's ``δ`` repeated per
+channel where a kernel wants per-channel scales) makes its scale ``δ`` bit for bit and its
+integers ``k`` exactly. Its ``DEQUANTIZED_WEIGHT_RECOVERY`` algorithm is not used: it
 takes the smallest gap between distinct ``|w|`` of a channel as the scale, which is ``2δ`` or
 ``3δ`` (and then fails) for a channel whose weights skip ``±δ``, common in a 3x3 depthwise
 kernel. Before calling the tool, every weight tensor is checked to lie on the requested grid
@@ -184,25 +189,33 @@ class WeightPlan:
     subgraph: int
     name: str
     scope: str
-    bits: int
-    grid: str  # "per_channel" | "per_tensor": the grid the float weights lie on
+    bits: int  # the file's type: INT2 / INT4 / INT8
+    grid_bits: int  # the grid the float weights lie on (at most ``bits``)
+    grid: str  # "per_channel" | "per_tensor"
     granularity: str  # "CHANNELWISE" | "TENSORWISE": how the file stores the scales
     axis: int
-    max_abs: np.ndarray  # the ±M handed to ai-edge-quantizer (keepdims shape)
+    bound: np.ndarray  # ±bound handed to ai-edge-quantizer as min/max (keepdims, float64)
     steps: np.ndarray
     integers: np.ndarray
 
 
-def _on_grid(w: np.ndarray, bits: int, axis: Optional[int]):
-    """``(M, δ, k, deviation)`` of ``w`` on tfqreg's ``bits``-bit default grid (float32)."""
-    q_max = 2 ** (bits - 1) - 1
-    red = None if axis is None else tuple(a for a in range(w.ndim) if a != axis)
-    m = np.max(np.abs(w), axis=red, keepdims=True).astype(np.float32)
-    step = m / np.float32(q_max)  # == tfqreg.grid.default_step in float32
-    safe = np.where(step > 0, step, np.float32(1))
-    k = np.clip(np.round(w / safe), -q_max - 1, q_max)
-    deviation = float(np.max(np.abs(w - safe * k) / safe)) if w.size else 0.0
-    return m, step, k.astype(np.int8), deviation
+def _find_grid(w: np.ndarray, bits: int, axis: int, per_tensor_first: bool):
+    """The coarsest tfqreg default grid of at most ``bits`` bits that ``w`` lies on:
+    ``(grid_bits, "per_channel" | "per_tensor", δ (keepdims, float32), k)``; or, when there is
+    none, how far (in steps) ``w`` is from the ``bits``-bit grid."""
+    axes = ((None, "per_tensor"), (axis, "per_channel"))
+    deviation = 0.0
+    for b in range(2, bits + 1):
+        for ax, label in axes if per_tensor_first else axes[::-1]:
+            red = None if ax is None else tuple(a for a in range(w.ndim) if a != ax)
+            q_max = 2 ** (b - 1) - 1
+            step = np.max(np.abs(w), axis=red, keepdims=True) / np.float32(q_max)  # float32,
+            safe = np.where(step > 0, step, np.float32(1))  # == tfqreg.grid.default_step
+            k = np.clip(np.round(w / safe), -q_max - 1, q_max)
+            deviation = float(np.max(np.abs(w - safe * k) / safe)) if w.size else 0.0
+            if deviation <= _GRID_TOLERANCE:
+                return b, label, step.astype(np.float32), k.astype(np.int8)
+    return deviation
 
 
 def _refuse(op: str, name: str, runtime: str, bits: int, activations: str) -> ValueError:
@@ -257,20 +270,14 @@ def plan(float_tflite: Any, weight_bits: Union[int, Mapping[str, int]] = 4,
                 raise _refuse(op_name, name, runtime, b, activations)
             w = np.frombuffer(raw, np.float32).reshape([int(d) for d in t.shape])
             axis = _WEIGHT_AXIS[op_name]
-            order = ((axis, "per_channel"), (None, "per_tensor"))
-            if op_name == "FULLY_CONNECTED":
-                order = order[::-1]  # per tensor first: it runs everywhere
-            grid = None
-            for ax, label in order:
-                m, step, k, dev = _on_grid(w, b, ax)
-                if dev <= _GRID_TOLERANCE:
-                    grid = label
-                    break
-            if grid is None:
+            found = _find_grid(w, b, axis, per_tensor_first=op_name == "FULLY_CONNECTED")
+            if isinstance(found, float):
                 raise ValueError(
-                    f"{op_name} {name!r}: the float weights do not lie on the {b}-bit grid, per "
-                    f"channel or per tensor (off by up to {dev:.3g} steps); quantize them "
-                    f"first, e.g. tfqreg.ptq.quantize(model, {b}).")
+                    f"{op_name} {name!r}: the float weights do not lie on a grid of {b} bits "
+                    f"or fewer, per channel or per tensor (off the {b}-bit grid by up to "
+                    f"{found:.3g} steps); quantize them first, e.g. "
+                    f"tfqreg.ptq.quantize(model, {b}).")
+            grid_bits, grid, step, k = found
             per_channel_file = op_name != "FULLY_CONNECTED" or grid == "per_channel" or (
                 b == 2 and runtime == "litert")  # XNNPACK runs INT2 per channel only
             if per_channel_file and op_name == "FULLY_CONNECTED" and runtime == "micro" and b == 4:
@@ -279,15 +286,16 @@ def plan(float_tflite: Any, weight_bits: Union[int, Mapping[str, int]] = 4,
                     "quantized per tensor (TFLite Micro's INT4 FULLY_CONNECTED has no "
                     "per-channel scales); quantize Dense layers per tensor for TFLite Micro "
                     "(e.g. tfqreg.ptq.quantize(model, 4, per_channel=False)).")
-            channels = w.shape[axis]
-            shape = [1] * w.ndim
-            shape[axis] = channels
-            if per_channel_file:
-                m = np.broadcast_to(m, shape).astype(np.float32) if grid == "per_tensor" else m
-            steps = (m / np.float32(2 ** (b - 1) - 1)).astype(np.float32).reshape(-1)
-            plans.append(WeightPlan(op_name, i, s, name, _scope(sg, op), b, grid,
+            if per_channel_file and grid == "per_tensor":
+                shape = [1] * w.ndim
+                shape[axis] = w.shape[axis]
+                step = np.broadcast_to(step, shape)
+            # The tool's scale is bound / (2^(b-1) - 1) in the bound's dtype: with a float64
+            # bound of δ·(2^(b-1) - 1) (exact: 24 + 7 mantissa bits) it is δ exactly.
+            bound = step.astype(np.float64) * float(2 ** (b - 1) - 1)
+            plans.append(WeightPlan(op_name, i, s, name, _scope(sg, op), b, grid_bits, grid,
                                     "CHANNELWISE" if per_channel_file else "TENSORWISE", axis,
-                                    m, steps, k))
+                                    bound, step.astype(np.float32).reshape(-1), k))
     if not plans:
         raise ValueError("`float_tflite` has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED "
                          "op with constant weights.")
@@ -430,14 +438,14 @@ def quantize_tflite(
     _recipe(qt, plans, activations, io_dtype)
     samples: List[Dict[str, np.ndarray]] = []
     calibration: Dict[str, Dict[str, np.ndarray]] = {}
-    if activations == "int8":
-        key, samples = _samples(representative_data, data)
-        with warnings.catch_warnings():  # the calibrator's "debugging only" interpreter flag
-            warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings():  # the tool's interpreters set a "debugging only" flag
+        warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all_tensors`")
+        if activations == "int8":
+            key, samples = _samples(representative_data, data)
             calibration = dict(qt.calibrate({key: samples}, num_threads=1))
-    for p in plans:  # the grid's ±M per channel: the tool's scale M/(2^(b-1)-1) is then δ
-        calibration[p.name] = {"min": -p.max_abs, "max": p.max_abs.copy()}
-    result = qt.quantize(calibration or None, enable_progress_report=False)
+        for p in plans:  # the tool's scale bound/(2^(b-1)-1) is then the grid's δ
+            calibration[p.name] = {"min": -p.bound, "max": p.bound.copy()}
+        result = qt.quantize(calibration, enable_progress_report=False)
     out = bytes(result.quantized_model)
     _verify(out, plans)
     if check:
