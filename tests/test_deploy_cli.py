@@ -1,4 +1,5 @@
-"""`tfqreg export` (tfqreg.deploy.cli) through tfqreg.cli.main: every target, every input format, bad input."""
+"""`tfqreg export` (tfqreg.deploy.cli) through tfqreg.cli.main: every target, every input
+format, bad input."""
 
 import json
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import larq as lq
-from ai_edge_litert.interpreter import Interpreter, OpResolverType
+from ai_edge_litert.interpreter import Interpreter
 
 from tfqreg import deploy, models
 from tfqreg._keras import keras, tf

@@ -11,8 +11,8 @@ Writes, next to this file:
   converted with Larq Compute Engine;
 * ``<name>_report.txt`` / ``.json``: the export reports;
 * ``manifest.json``: per model its source, test-set accuracy measured on the converted file in
-  its interpreter, size, arena, ops and SHA-256. ``tests/test_export.py`` checks the committed
-  files against it (hashes, sizes, and re-measures arena and accuracy).
+  its interpreter, size, arena, ops and SHA-256. ``tests/test_deploy_runtime.py`` checks the
+  committed files against it (hashes, sizes, and re-measures arena and accuracy).
 
 Deterministic on one machine (seeds fixed); retraining elsewhere may change the bytes, so the
 manifest is rewritten with the new numbers.
