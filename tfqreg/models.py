@@ -1,11 +1,15 @@
 """Reference models used by the examples, benchmarks and tests.
 
 ``small_cnn`` is the benchmark CNN of the README (2 conv + 2 dense, 225,034 parameters for
-28×28×1 inputs).
+28×28×1 inputs). ``ds_cnn`` is the BatchNorm benchmark model: a MobileNet-style
+depthwise-separable CNN with BatchNorm and ReLU6 after every convolution, the layout of TinyML
+keyword-spotting and visual-wake-word models.
 
 >>> from tfqreg import models
 >>> models.small_cnn().count_params()
 225034
+>>> models.ds_cnn().count_params()
+69258
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Optional
 
 from tfqreg._keras import keras
 
-__all__ = ["small_cnn", "tiny_cnn", "bnn"]
+__all__ = ["small_cnn", "ds_cnn", "tiny_cnn", "bnn"]
 
 
 def small_cnn(
@@ -49,6 +53,54 @@ def small_cnn(
         ],
         name=name,
     )
+
+
+def ds_cnn(
+    kernel_regularizer=None,
+    input_shape=(28, 28, 1),
+    num_classes: int = 10,
+    filters=(32, 64, 128, 128, 256),
+    name: Optional[str] = "ds_cnn",
+) -> keras.Model:
+    """MobileNet-style: a 3×3 stride-2 stem conv, then depthwise 3×3 + pointwise 1×1 blocks
+    (strides 1, 2, 1, 2 for the default four), each convolution without bias and followed by
+    BatchNorm and ReLU6; global average pooling; a softmax Dense. 67,338 trainable parameters
+    with the default ``filters`` (69,258 with the BatchNorm statistics) for 28×28×1 inputs.
+
+    The TFLite converter folds each BatchNorm into the convolution before it
+    (:mod:`tfqreg.fold`), which is what makes per-tensor quantization of this model differ from
+    quantizing its raw kernels.
+
+    Args:
+        kernel_regularizer: passed to every convolution and the Dense kernel (a fresh copy per
+            layer; depthwise kernels get it as ``depthwise_regularizer``).
+        filters: the stem's width, then one pointwise width per block.
+    """
+    def reg():
+        if kernel_regularizer is None or isinstance(kernel_regularizer, str):
+            return kernel_regularizer
+        return kernel_regularizer.__class__.from_config(kernel_regularizer.get_config())
+
+    def bn_relu6(h, tag):
+        h = keras.layers.BatchNormalization(name=f"bn_{tag}")(h)
+        return keras.layers.ReLU(6.0, name=f"relu_{tag}")(h)
+
+    inputs = keras.Input(input_shape, name="image")
+    h = keras.layers.Conv2D(filters[0], 3, strides=2, padding="same", use_bias=False,
+                            kernel_regularizer=reg(), name="stem")(inputs)
+    h = bn_relu6(h, "stem")
+    strides = [1, 2, 1, 2, 2, 1][: len(filters) - 1]
+    for i, (width, stride) in enumerate(zip(filters[1:], strides), start=1):
+        h = keras.layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                                         depthwise_regularizer=reg(), name=f"dw{i}")(h)
+        h = bn_relu6(h, f"dw{i}")
+        h = keras.layers.Conv2D(width, 1, use_bias=False, kernel_regularizer=reg(),
+                                name=f"pw{i}")(h)
+        h = bn_relu6(h, f"pw{i}")
+    h = keras.layers.GlobalAveragePooling2D(name="gap")(h)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_regularizer=reg(),
+                                 name="fc")(h)
+    return keras.Model(inputs, outputs, name=name)
 
 
 def tiny_cnn(kernel_regularizer=None, input_shape=(28, 28, 1), num_classes: int = 10,

@@ -234,6 +234,21 @@ class ActivationFakeQuant(keras.layers.Wrapper):
             self.preactivation_max = add("preactivation_max")
         super().build(input_shape)
 
+    def fixed_output_range(self, bits: int) -> Optional[Tuple[float, float]]:
+        """TFLite's fixed output grid for softmax / sigmoid (scale ``2^-b``, from 0) and tanh
+        (scale ``2^-(b-1)``, symmetric), or ``None`` when the output range is calibrated."""
+        act = self.activation
+        if act is None and isinstance(self.layer, keras.layers.Softmax):
+            return 0.0, 1.0 - 2.0 ** -bits
+        if act is None and isinstance(self.layer, keras.layers.Activation):
+            act = self.layer.activation
+        name = None if act is None else keras.activations.serialize(act)
+        if name in ("softmax", "sigmoid"):
+            return 0.0, 1.0 - 2.0 ** -bits
+        if name == "tanh":
+            return -1.0, 1.0 - 2.0 ** -(bits - 1)
+        return None
+
     def _ranges(self):
         out = [self.input_min, self.input_max, self.output_min, self.output_max]
         if self.activation is not None:
@@ -433,11 +448,24 @@ class _PTQModel:
         self._predict = None  # Python attributes changed: trace again
 
     def calibrate(self, data, bits: int):
+        """Ranges from the FLOAT model (as the TFLite converter calibrates), then fixed output
+        grids where TFLite fixes them (softmax, sigmoid, tanh)."""
+        variables = [getattr(l, _kernel_attr(l)) for l in self.layers]
+        current = [v.numpy() for v in variables]
+        for v, w in zip(variables, self.float_kernels):
+            v.assign(w)
         self.set_activation_mode("calibrate")
         for wrapper in self.wrappers:
             wrapper.reset_ranges()
         for x in _batches(data, self.model, "calibration_data", with_labels=False):
             self.predict(x)
+        for v, w in zip(variables, current):
+            v.assign(w)
+        for wrapper in self.wrappers:
+            fixed = wrapper.quantize_output and wrapper.fixed_output_range(bits)
+            if fixed:
+                wrapper.output_min.assign(fixed[0])
+                wrapper.output_max.assign(fixed[1])
         self.set_activation_mode("quantize", bits)
 
     def predict(self, x):

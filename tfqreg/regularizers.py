@@ -56,6 +56,20 @@ layers (each weight still gets its own M). Called on a tensor it was never attac
 constant in a test), a learnable regularizer evaluates with its parameters at their initial
 values and logs a warning once.
 
+BatchNorm. When a BatchNormalization folds into the layer (``Conv/Dense/DepthwiseConv2D`` with a
+linear activation → BatchNorm, see :mod:`tfqreg.fold`), the device quantizes the folded kernel
+``w·γ/√(σ²+ε)``, not ``w``: scaling a channel of ``w`` before a BatchNorm changes nothing after
+it, so a range penalty on ``w`` alone shapes a range the quantizer never sees. ``LInf``,
+``Margin``, ``SoftMinMax`` and ``MSQE`` therefore penalise the folded kernel, with no change to
+the plain ``kernel_regularizer=LInf()`` usage: the regularizer looks up, through the model's layer
+graph, whether a BatchNorm folds into its layer, and uses that BatchNorm's γ and MOVING variance
+(what the converter folds; a Keras regularizer sees only the weight, never the batch, and the
+moving statistics are the ones the device gets). The gradient reaches ``w`` and ``γ``; σ² is a
+statistic and gets none. The lookup needs a Sequential or Functional model (a subclassed model
+has no layer graph: there the raw kernel is penalised); ``fold_batchnorm=False`` penalises the
+raw kernel everywhere. ``Foothill`` and ``PartialL2`` act on the raw weights (shrinkage and
+pruning, not a quantization range).
+
 Numerics: weights of any float dtype are accumulated in float32 (float64 stays float64). Values
 and gradients are finite for finite weights of any magnitude: squares are summed as
 ``(sqrt(Σ(|x|/m)²)·m)²`` with ``m = max|x|``, and a value or gradient whose true size exceeds the
@@ -76,6 +90,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from tfqreg import fold as _fold
 from tfqreg import foothill as _foothill
 from tfqreg import grid
 from tfqreg._keras import keras, register, tf
@@ -379,19 +394,43 @@ def partial_l2_penalty(w, fraction: float) -> tf.Tensor:
 class _Attachment:
     """What a regularizer knows about one weight it regularizes."""
 
-    __slots__ = ("_variable", "state", "channel_axes")
+    __slots__ = ("_variable", "_layer", "state", "channel_axes")
 
-    def __init__(self, variable, state: Dict[str, tf.Variable], channel_axes):
-        try:
-            self._variable = weakref.ref(variable)
-        except TypeError:  # pragma: no cover - every TF variable type supports weakrefs today
-            self._variable = lambda v=variable: v
+    def __init__(self, variable, state: Dict[str, tf.Variable], channel_axes, layer=None):
+        self._variable = _weak(variable)
+        self._layer = _weak(layer) if layer is not None else (lambda: None)
         self.state = state
         self.channel_axes = channel_axes
 
     @property
     def variable(self):
         return self._variable()
+
+    @property
+    def layer(self):
+        return self._layer()
+
+    def folded(self, w: tf.Tensor) -> tf.Tensor:
+        """``w`` as the device quantizes it: ``w·γ/√(σ²+ε)`` when a BatchNorm folds into the
+        layer whose kernel this is (:mod:`tfqreg.fold`), else ``w``."""
+        layer, variable = self.layer, self.variable
+        if layer is None or variable is None:
+            return w
+        kernel = getattr(layer, "depthwise_kernel", None) if isinstance(
+            layer, keras.layers.DepthwiseConv2D) else getattr(layer, "kernel", None)
+        if kernel is not variable:
+            return w
+        bn = _fold.following_batchnorm(layer)
+        if bn is None:
+            return w
+        return tf.cast(_fold.fold_kernel(layer, w, _fold.batchnorm_scale(bn)), w.dtype)
+
+
+def _weak(obj):
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # pragma: no cover - every TF variable / layer supports weakrefs today
+        return lambda o=obj: o
 
 
 def _weight_base_name(variable) -> str:
@@ -437,6 +476,8 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
                     "layer's kernel_regularizer to train them.", type(self).__name__)
         else:
             state, axes = record.state, record.channel_axes
+            if getattr(self, "fold_batchnorm", False):
+                w = record.folded(w)
         return _saturate(self.l * self._penalty(w, state, axes))
 
     def get_config(self) -> dict:
@@ -462,7 +503,8 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
     def _attach(self, layer, variable) -> None:
         """Called right after ``layer`` created ``variable`` with this regularizer."""
         self._attachments = [r for r in self._attachments if r.variable is not None]
-        if not (self._state_suffixes or self._needs_layer_info) or self._find(variable):
+        needs_layer = self._needs_layer_info or getattr(self, "fold_batchnorm", False)
+        if not (self._state_suffixes or needs_layer) or self._find(variable):
             return
         axes = grid.channel_axes_for(layer)
         state = {}
@@ -485,7 +527,7 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
                     constraint=self._constraint(suffix),
                     autocast=False,
                 )
-        self._attachments.append(_Attachment(variable, state, axes))
+        self._attachments.append(_Attachment(variable, state, axes, layer))
 
     def state(self, variable) -> Dict[str, tf.Variable]:
         """The learnable parameters created for ``variable`` (``{}`` if none / not attached)."""
@@ -553,11 +595,15 @@ class LInf(_TensorRegularizer):
     1.0
     """
 
-    def __init__(self, l=0.05):
+    def __init__(self, l=0.05, fold_batchnorm=True):
         super().__init__(l)
+        self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
 
     def _penalty(self, w, state, channel_axes):
         return linf_penalty(w)
+
+    def get_config(self):
+        return {"l": self.l, "fold_batchnorm": self.fold_batchnorm}
 
 
 @register
@@ -572,12 +618,14 @@ class Margin(_TensorRegularizer):
         power: p ≥ 1. Default 2.
         margin_weight: γ > 0, the weight of the |M| term. Default 1.
         margin: initial M (> 0), or ``None`` for max|w| of the freshly initialised weight.
+        fold_batchnorm: as :class:`LInf`.
     """
 
     _state_suffixes = ("margin",)
 
-    def __init__(self, l=0.05, power=2.0, margin_weight=1.0, margin=None):
+    def __init__(self, l=0.05, power=2.0, margin_weight=1.0, margin=None, fold_batchnorm=True):
         super().__init__(l)
+        self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.power = _check_arg("power", power, "power")
         self.margin_weight = _check_arg("margin_weight", margin_weight)
         self.margin = _check_arg("margin", margin, optional=True)
@@ -592,7 +640,7 @@ class Margin(_TensorRegularizer):
 
     def get_config(self):
         return {"l": self.l, "power": self.power, "margin_weight": self.margin_weight,
-                "margin": self.margin}
+                "margin": self.margin, "fold_batchnorm": self.fold_batchnorm}
 
 
 class _NonNegative(keras.constraints.Constraint):
@@ -613,13 +661,15 @@ class SoftMinMax(_TensorRegularizer):
         l: strength (> 0). Default 0.05.
         eta: η > 0. Default 1.
         hardness: initial a (> 0), or ``None`` for 10/max|w| at build time.
+        fold_batchnorm: as :class:`LInf`.
     """
 
     _state_suffixes = ("hardness",)
     _DEFAULT_SHARPNESS = 10.0
 
-    def __init__(self, l=0.05, eta=1.0, hardness=None):
+    def __init__(self, l=0.05, eta=1.0, hardness=None, fold_batchnorm=True):
         super().__init__(l)
+        self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.eta = _check_arg("eta", eta)
         self.hardness = _check_arg("hardness", hardness, optional=True)
 
@@ -637,7 +687,8 @@ class SoftMinMax(_TensorRegularizer):
         return soft_min_max_penalty(w, state["hardness"], self.eta)
 
     def get_config(self):
-        return {"l": self.l, "eta": self.eta, "hardness": self.hardness}
+        return {"l": self.l, "eta": self.eta, "hardness": self.hardness,
+                "fold_batchnorm": self.fold_batchnorm}
 
 
 @register
@@ -656,13 +707,16 @@ class MSQE(_TensorRegularizer):
         trainable_step: make δ a learnable weight ``<name>_step`` of the layer (per channel if
             ``per_channel``), initialised to ``step`` or the default step at build time; it
             receives ``−(2/N) Σ (w − Q(w))·k``.
+        fold_batchnorm: as :class:`LInf` (the grid is then the folded kernel's grid, the one
+            the device uses).
     """
 
     _needs_layer_info = True
 
     def __init__(self, l=1.0, bits=4, step=None, per_channel=False, narrow_range=False,
-                 trainable_step=False):
+                 trainable_step=False, fold_batchnorm=True):
         super().__init__(l)
+        self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.bits = _check_arg("bits", bits, "bits")
         self.step = _check_arg("step", step, optional=True)
         self.per_channel = _check_arg("per_channel", per_channel, "bool")
@@ -700,7 +754,7 @@ class MSQE(_TensorRegularizer):
     def get_config(self):
         return {"l": self.l, "bits": self.bits, "step": self.step,
                 "per_channel": self.per_channel, "narrow_range": self.narrow_range,
-                "trainable_step": self.trainable_step}
+                "trainable_step": self.trainable_step, "fold_batchnorm": self.fold_batchnorm}
 
 
 class _MinValue(keras.constraints.Constraint):
