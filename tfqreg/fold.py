@@ -57,6 +57,7 @@ from tfqreg._keras import check_keras2, keras, tf
 
 __all__ = [
     "FoldPlan",
+    "consumers",
     "foldable_layer_types",
     "following_batchnorm",
     "batchnorm_scale",
@@ -91,7 +92,7 @@ def _kernel_of(layer):
         else layer.kernel
 
 
-def _consumers(layer) -> List:
+def consumers(layer) -> List:
     """Layers that take ``layer``'s output, over all of its call sites."""
     out = []
     for node in getattr(layer, "_outbound_nodes", None) or []:
@@ -111,7 +112,7 @@ def _why_not(layer, bn) -> Optional[str]:
                 f"'{keras.activations.serialize(layer.activation)}' before the BatchNorm")
     if len(getattr(layer, "_inbound_nodes", []) or []) > 1:
         return f"'{layer.name}' is called more than once (shared weights)"
-    if len(_consumers(layer)) != 1:
+    if len(consumers(layer)) != 1:
         return f"the output of '{layer.name}' also feeds other layers"
     if len(getattr(bn, "_inbound_nodes", []) or []) > 1:
         return "the BatchNorm is called more than once"
@@ -130,10 +131,10 @@ def following_batchnorm(layer) -> Optional[keras.layers.BatchNormalization]:
     layers of built Sequential and Functional models (it reads the layer graph); layers of a
     subclassed model have no graph, so nothing folds there.
     """
-    consumers = _consumers(layer)
-    if len(consumers) != 1 or not isinstance(consumers[0], keras.layers.BatchNormalization):
+    after = consumers(layer)
+    if len(after) != 1 or not isinstance(after[0], keras.layers.BatchNormalization):
         return None
-    bn = consumers[0]
+    bn = after[0]
     return bn if _why_not(layer, bn) is None else None
 
 

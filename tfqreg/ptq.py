@@ -370,7 +370,7 @@ def _quantization_points(base, quantized: set) -> Dict[int, dict]:
         split = own is not None and own not in _FUSABLE and id(layer) in quantized
         end, fused = layer, own not in (None, "linear")
         while True:  # follow the chain that TFLite fuses into this op
-            consumers = fold._consumers(end)
+            consumers = fold.consumers(end)
             if len(consumers) != 1:
                 break
             nxt = consumers[0]

@@ -32,6 +32,17 @@ What :func:`quantize_model` does with each layer:
   8-bit for the rest), when ``activation_bits`` is given;
 - everything else: left unannotated (runs in float).
 
+BatchNorm, as TFMOT's default 8-bit scheme places its quantizers for Conv + BatchNorm (+ ReLU):
+when a BatchNorm folds into a Dense / Conv2D / DepthwiseConv2D (:mod:`tfqreg.fold`), the layer's
+output is NOT quantized (that tensor does not exist on the device), the BatchNorm runs in float
+and the tensor after the fused op is quantized: the output of a following ReLU / ReLU6 layer, or
+the BatchNorm's own output otherwise. Like TFMOT's default scheme, QAT does not fold the
+BatchNorm into the kernel during training: the weight quantizer sees the raw kernel. With
+per-channel steps (the default) that is exactly the folded kernel's grid (each channel is
+scaled by one number); with ``per_channel=False`` it is not (the converter quantizes
+``w·γ/√(σ²+ε)`` with one step), so per-tensor QAT of a BatchNorm model trains for a grid the
+device does not use: use per-channel steps there, or evaluate with :func:`tfqreg.ptq.sweep`.
+
 TFMOT adds its own 8-bit input quantizer (``QuantizeLayer``) in front of the first quantized
 layer. Regularizers on the original layers (``kernel_regularizer=``) keep acting on the float
 (latent) kernels and stay in ``model.losses``.
@@ -61,7 +72,7 @@ from typing import Optional, Sequence, Tuple
 
 import tensorflow_model_optimization as tfmot
 
-from tfqreg import grid
+from tfqreg import fold, grid
 from tfqreg._keras import check_keras2, keras, register, tf
 
 __all__ = [
@@ -457,11 +468,30 @@ def quantize_model(model: keras.Model, weight_bits: int = 4, activation_bits: Op
     registry = _tfmot_q.default_8bit.Default8BitQuantizeRegistry()
     annotate = _tfmot_q.quantize_annotate_layer
 
+    folded_bns = {}
+    for layer in model.submodules:
+        bn = fold.following_batchnorm(layer) if isinstance(layer, keras.layers.Layer) else None
+        if bn is not None:
+            folded_bns[id(bn)] = layer
+
+    def fused_activation_follows(bn) -> bool:
+        after = fold.consumers(bn)
+        return len(after) == 1 and (
+            isinstance(after[0], keras.layers.ReLU) and after[0].negative_slope == 0
+            or isinstance(after[0], keras.layers.Activation)
+            and keras.activations.serialize(after[0].activation) in ("relu", "linear"))
+
     def clone(layer):
         fresh = layer.__class__.from_config(layer.get_config())
-        config = config_for(layer, weight_bits, activation_bits, per_channel, narrow_range)
+        folds = fold.following_batchnorm(layer) is not None
+        config = config_for(layer, weight_bits, None if folds else activation_bits,
+                            per_channel, narrow_range)
         if config is not None:
             return annotate(fresh, quantize_config=config)
+        if id(layer) in folded_bns and activation_bits is not None:
+            if fused_activation_follows(layer):
+                return fresh  # float; the activation after it is quantized
+            return annotate(fresh, quantize_config=OutputQuantizeConfig(activation_bits))
         if activation_bits is not None and registry.supports(layer):
             if _output_only(registry, layer):
                 return annotate(fresh, quantize_config=OutputQuantizeConfig(activation_bits))
