@@ -137,6 +137,19 @@ def test_int4_file_computes_what_int8_file_with_the_same_integers_computes(setup
     assert np.abs(y - y_float).max() < 0.1 * np.abs(y_float).max()
 
 
+def test_activation_ranges_are_min_max_over_all_samples(setup):
+    """As the TF converter and tfqreg.ptq calibrate (the tool's default is a moving average)."""
+    from tfqreg.export import read_tflite
+
+    x = setup["x"]
+    q = lowbit.quantize_tflite(setup["f4"], 4, "litert", [x])
+    g = read_tflite(q)
+    y = Runner(setup["f4"]).predict(x)  # the float model's logits
+    for values, index in ((x, g.inputs[0]), (y, g.outputs[0])):
+        lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
+        np.testing.assert_allclose(g.tensor(index).scale[0], (hi - lo) / 255, rtol=1e-5)
+
+
 def test_micro_per_tensor_fc_runs_in_tflite_micro_as_in_litert(setup, tmp_path):
     x = setup["x"]
     path = tmp_path / "m.tflite"

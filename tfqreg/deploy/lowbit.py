@@ -31,7 +31,7 @@ FULLY_CONNECTED and INT4 convolutions (no runtime has INT2 convolution kernels);
 as ``{"FULLY_CONNECTED": 2, "CONV_2D": 4, "DEPTHWISE_CONV_2D": 8}`` sets each op (ops not named
 get INT8), and there ``"CONV_2D": 2`` is refused. A type may hold a coarser grid than its
 width: the 2-bit grid of a convolution sits in INT4 as integers ``{-1, 0, 1}`` with its own
-step ``δ = max|w|``, the 4-bit grid in INT8 as ``-8..7`` with ``δ = max|w|/7``.
+step ``δ = max|w|``, the 4-bit grid in INT8 as ``-7..7`` with ``δ = max|w|/7``.
 
 **How the grid is carried into the file.** The input is a float ``.tflite`` whose weights
 already lie on tfqreg's grid (``tfqreg.ptq.quantize(model, 4)`` and ``TFLiteConverter``):
@@ -44,15 +44,17 @@ tfqreg computes it in float32. ai-edge-quantizer derives a symmetric weight scal
 given, and writes ``rint(w/scale)``. Handing it, through the calibration result, ``min = -m,
 max = m`` with ``m = δ·(2^(B-1)-1)`` in float64 per channel (the tensor's ``δ`` repeated per
 channel where a kernel wants per-channel scales) makes its scale ``δ`` bit for bit and its
-integers ``k`` exactly. Its ``DEQUANTIZED_WEIGHT_RECOVERY`` algorithm is not used: it
-takes the smallest gap between distinct ``|w|`` of a channel as the scale, which is ``2δ`` or
-``3δ`` (and then fails) for a channel whose weights skip ``±δ``, common in a 3x3 depthwise
-kernel. Before calling the tool, every weight tensor is checked to lie on the requested grid
+integers ``k`` exactly. Its ``DEQUANTIZED_WEIGHT_RECOVERY`` algorithm cannot: it has no
+DEPTHWISE_CONV_2D, and its scale is the smallest float gap between distinct ``|w|`` of a
+channel, which differs from ``δ`` in the last bits (bit-equal in 16 of 122 channels of a
+Fashion-MNIST CNN) and is ``2δ`` (then it fails) for a channel whose ``|k|`` are e.g.
+``{0, 2, 5, 7}``. Before calling the tool, every weight tensor is checked to lie on the requested grid
 (within 1e-4 of a step) and refused otherwise; after it, every weight tensor of the result is
 read back and compared with ``k`` and ``δ``; any difference is an error, never a silent
-approximation. Activations are calibrated to int8 (asymmetric, per tensor) from
-``representative_data``; model inputs and outputs are int8 by default, like tfqreg's int8
-export (``io_dtype="float32"`` adds QUANTIZE / DEQUANTIZE ops at the edges).
+approximation. Activations are calibrated to int8 (asymmetric, per tensor) on the min/max
+over all of ``representative_data``, as the TF converter and :func:`tfqreg.ptq.quantize` do;
+model inputs and outputs are int8 by default, like tfqreg's int8 export
+(``io_dtype="float32"`` adds QUANTIZE / DEQUANTIZE ops at the edges).
 
 >>> from tfqreg import ptq
 >>> from tfqreg.deploy import lowbit
@@ -92,14 +94,12 @@ ACTIVATIONS = ("int8", "float")
 IO_DTYPES = ("int8", "float32")
 WEIGHT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
 # (runtime, activations) -> op -> weight bit widths its kernels run.
+_CONVS = {"CONV_2D": (4, 8), "DEPTHWISE_CONV_2D": (4, 8)}
 SUPPORTED_BITS: Dict[Tuple[str, str], Dict[str, Tuple[int, ...]]] = {
-    ("litert", "int8"): {"CONV_2D": (4, 8), "DEPTHWISE_CONV_2D": (4, 8),
-                         "FULLY_CONNECTED": (2, 4, 8)},
-    ("litert", "float"): {"CONV_2D": (4, 8), "DEPTHWISE_CONV_2D": (4, 8),
-                          "FULLY_CONNECTED": (2, 4, 8)},
-    ("micro", "int8"): {"CONV_2D": (4, 8), "DEPTHWISE_CONV_2D": (4, 8),
-                        "FULLY_CONNECTED": (4, 8)},
-    ("micro", "float"): {"CONV_2D": (), "DEPTHWISE_CONV_2D": (), "FULLY_CONNECTED": ()},
+    ("litert", "int8"): {**_CONVS, "FULLY_CONNECTED": (2, 4, 8)},
+    ("litert", "float"): {**_CONVS, "FULLY_CONNECTED": (2, 4, 8)},
+    ("micro", "int8"): {**_CONVS, "FULLY_CONNECTED": (4, 8)},
+    ("micro", "float"): dict.fromkeys(WEIGHT_OPS, ()),
 }
 _WHY = {  # why a combination is refused, for the error message
     ("litert", 2): "LiteRT runs INT2 weights only in FULLY_CONNECTED (an INT2 CONV_2D fails to "
@@ -109,19 +109,38 @@ _WHY = {  # why a combination is refused, for the error message
                         "DEQUANTIZE has no INT4/INT2); use activations='int8'",
 }
 _WEIGHT_AXIS = {"CONV_2D": 0, "DEPTHWISE_CONV_2D": 3, "FULLY_CONNECTED": 0}  # output channel
-_TYPE_OF_BITS = {2: "INT2", 4: "INT4", 8: "INT8"}
 _GRID_TOLERANCE = 1e-4  # in steps: |w - δ·k| above this means "not on the grid"
 _CHECK_SAMPLES = 16
 
 
-def _schema():
+def _read(data: bytes):
+    """The flatbuffer as objects (TensorFlow's schema) and its tensor type names."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    from tensorflow.lite.tools import flatbuffer_utils
+
+    types = {v: k.lower() for k, v in vars(schema.TensorType).items() if isinstance(v, int)}
+    return flatbuffer_utils.convert_bytearray_to_object(bytearray(data)), types
+
+
+def _weights(model, data: bytes):
+    """``(subgraph, op index, op name, op, tensor, bytes)`` for the constant weight of every
+    weight op, also behind a DEQUANTIZE (as in weights-only files)."""
     from tensorflow.lite.python import schema_py_generated as schema
 
-    return schema
-
-
-def _enum_names(enum_cls) -> Dict[int, str]:
-    return {v: k for k, v in vars(enum_cls).items() if not k.startswith("_") and isinstance(v, int)}
+    builtin = {v: k for k, v in vars(schema.BuiltinOperator).items() if isinstance(v, int)}
+    for s, sg in enumerate(model.subgraphs):
+        ops = sg.operators or []
+        names = [builtin.get(max(int(model.operatorCodes[op.opcodeIndex].builtinCode),
+                                 int(model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)))
+                 for op in ops]
+        behind = {int(op.outputs[0]): int(op.inputs[0])
+                  for op, n in zip(ops, names) if n == "DEQUANTIZE"}
+        for i, (op, name) in enumerate(zip(ops, names)):
+            if name in WEIGHT_OPS and op.inputs is not None and len(op.inputs) > 1:
+                t = sg.tensors[behind.get(int(op.inputs[1]), int(op.inputs[1]))]
+                raw = _buffer_bytes(model, data, t.buffer)
+                if raw is not None:  # else a runtime tensor, not a weight
+                    yield s, i, name, op, t, raw
 
 
 def _as_bytes(model: Any, name: str) -> bytes:
@@ -242,60 +261,48 @@ def plan(float_tflite: Any, weight_bits: Union[int, Mapping[str, int]] = 4,
         ValueError: an op / bit width / runtime combination that no kernel runs (naming the op
             and the runtime), weights that do not lie on the grid, or a file that is not float.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
-
     bits_of, _ = _check_args(weight_bits, runtime, activations)
     data = _as_bytes(float_tflite, "float_tflite")
-    schema = _schema()
-    builtin, types = _enum_names(schema.BuiltinOperator), _enum_names(schema.TensorType)
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    model, types = _read(data)
     plans: List[WeightPlan] = []
-    for s, sg in enumerate(model.subgraphs):
-        for i, op in enumerate(sg.operators or []):
-            code = model.operatorCodes[op.opcodeIndex]
-            op_name = builtin.get(max(int(code.builtinCode), int(code.deprecatedBuiltinCode)))
-            if op_name not in WEIGHT_OPS or op.inputs is None or len(op.inputs) < 2:
-                continue
-            t = sg.tensors[op.inputs[1]]
-            raw = _buffer_bytes(model, data, t.buffer)
-            if raw is None:
-                continue  # a runtime tensor, not a weight
-            name = t.name.decode("utf-8", "replace")
-            if types.get(t.type) != "FLOAT32":
-                raise ValueError(f"{op_name} {name!r}: weights are {types.get(t.type)}, not "
-                                 "FLOAT32; pass the float .tflite (quantize weights with "
-                                 "tfqreg.ptq.quantize before converting).")
-            b = bits_of[op_name]
-            if b not in SUPPORTED_BITS[(runtime, activations)][op_name]:
-                raise _refuse(op_name, name, runtime, b, activations)
-            w = np.frombuffer(raw, np.float32).reshape([int(d) for d in t.shape])
-            axis = _WEIGHT_AXIS[op_name]
-            found = _find_grid(w, b, axis, per_tensor_first=op_name == "FULLY_CONNECTED")
-            if isinstance(found, float):
-                raise ValueError(
-                    f"{op_name} {name!r}: the float weights do not lie on a grid of {b} bits "
-                    f"or fewer, per channel or per tensor (off the {b}-bit grid by up to "
-                    f"{found:.3g} steps); quantize them first, e.g. "
-                    f"tfqreg.ptq.quantize(model, {b}).")
-            grid_bits, grid, step, k = found
-            per_channel_file = op_name != "FULLY_CONNECTED" or grid == "per_channel" or (
-                b == 2 and runtime == "litert")  # XNNPACK runs INT2 per channel only
-            if per_channel_file and op_name == "FULLY_CONNECTED" and runtime == "micro" and b == 4:
-                raise ValueError(
-                    f"FULLY_CONNECTED {name!r}: INT4 weights on runtime 'micro' must be "
-                    "quantized per tensor (TFLite Micro's INT4 FULLY_CONNECTED has no "
-                    "per-channel scales); quantize Dense layers per tensor for TFLite Micro "
-                    "(e.g. tfqreg.ptq.quantize(model, 4, per_channel=False)).")
-            if per_channel_file and grid == "per_tensor":
-                shape = [1] * w.ndim
-                shape[axis] = w.shape[axis]
-                step = np.broadcast_to(step, shape)
-            # The tool's scale is bound / (2^(b-1) - 1) in the bound's dtype: with a float64
-            # bound of δ·(2^(b-1) - 1) (exact: 24 + 7 mantissa bits) it is δ exactly.
-            bound = step.astype(np.float64) * float(2 ** (b - 1) - 1)
-            plans.append(WeightPlan(op_name, i, s, name, _scope(sg, op), b, grid_bits, grid,
-                                    "CHANNELWISE" if per_channel_file else "TENSORWISE", axis,
-                                    bound, step.astype(np.float32).reshape(-1), k))
+    for s, i, op_name, op, t, raw in _weights(model, data):
+        name = t.name.decode("utf-8", "replace")
+        if types.get(t.type) != "float32":
+            raise ValueError(f"{op_name} {name!r}: weights are {types.get(t.type)}, not "
+                             "float32; pass the float .tflite (quantize weights with "
+                             "tfqreg.ptq.quantize before converting).")
+        b = bits_of[op_name]
+        if b not in SUPPORTED_BITS[(runtime, activations)][op_name]:
+            raise _refuse(op_name, name, runtime, b, activations)
+        w = np.frombuffer(raw, np.float32).reshape([int(d) for d in t.shape])
+        axis = _WEIGHT_AXIS[op_name]
+        found = _find_grid(w, b, axis, per_tensor_first=op_name == "FULLY_CONNECTED")
+        if isinstance(found, float):
+            raise ValueError(
+                f"{op_name} {name!r}: the float weights do not lie on a grid of {b} bits "
+                f"or fewer, per channel or per tensor (off the {b}-bit grid by up to "
+                f"{found:.3g} steps); quantize them first, e.g. "
+                f"tfqreg.ptq.quantize(model, {b}).")
+        grid_bits, grid, step, k = found
+        per_channel_file = op_name != "FULLY_CONNECTED" or grid == "per_channel" or (
+            b == 2 and runtime == "litert")  # XNNPACK runs INT2 per channel only
+        if per_channel_file and op_name == "FULLY_CONNECTED" and runtime == "micro" and b == 4:
+            raise ValueError(
+                f"FULLY_CONNECTED {name!r}: INT4 weights on runtime 'micro' must be "
+                "quantized per tensor (TFLite Micro's INT4 FULLY_CONNECTED has no "
+                "per-channel scales); quantize Dense layers per tensor for TFLite Micro "
+                "(e.g. tfqreg.ptq.quantize(model, 4, per_channel=False)).")
+        if per_channel_file and grid == "per_tensor":
+            shape = [1] * w.ndim
+            shape[axis] = w.shape[axis]
+            step = np.broadcast_to(step, shape)
+        # The tool's scale is bound / (2^(b-1) - 1) in the bound's dtype: with a float64
+        # bound of δ·(2^(b-1) - 1) (exact: 24 + 7 mantissa bits) it is δ exactly.
+        bound = step.astype(np.float64) * float(2 ** (b - 1) - 1)
+        plans.append(WeightPlan(op_name, i, s, name, _scope(model.subgraphs[s], op), b,
+                                grid_bits, grid,
+                                "CHANNELWISE" if per_channel_file else "TENSORWISE", axis,
+                                bound, step.astype(np.float32).reshape(-1), k))
     if not plans:
         raise ValueError("`float_tflite` has no CONV_2D, DEPTHWISE_CONV_2D or FULLY_CONNECTED "
                          "op with constant weights.")
@@ -320,37 +327,25 @@ def _buffer_bytes(model, data: bytes, index: int) -> Optional[bytes]:
     return None
 
 
-def _signature_inputs(data: bytes) -> Tuple[str, List[str]]:
-    """The signature key and its input names, in the order of the subgraph's inputs."""
+def _samples(representative_data: Any, data: bytes) -> Tuple[str, List[Dict[str, np.ndarray]]]:
+    """The signature key and one ``{input name: (1, ...) array}`` per representative sample."""
     from ai_edge_litert.interpreter import Interpreter
 
     it = Interpreter(model_content=data)
-    signatures = it.get_signature_list()
-    if not signatures:
+    if not it.get_signature_list():
         raise ValueError("`float_tflite` has no signature; ai-edge-quantizer calibrates through "
                          "one (convert with TFLiteConverter.from_keras_model).")
-    key = next(iter(signatures))
+    key = next(iter(it.get_signature_list()))
     details = it.get_signature_runner(key).get_input_details()
     order = [d["index"] for d in it.get_input_details()]
     names = sorted(details, key=lambda n: order.index(details[n]["index"]))
-    return key, names
-
-
-def _samples(representative_data: Any, data: bytes) -> Tuple[str, List[Dict[str, np.ndarray]]]:
-    from ai_edge_litert.interpreter import Interpreter
-
-    key, names = _signature_inputs(data)
     xs = representative_data
-    if isinstance(xs, np.ndarray) or not isinstance(xs, (list, tuple)):
-        xs = [xs]
-    xs = [np.asarray(a, np.float32) for a in xs]
+    xs = [np.asarray(a, np.float32) for a in (xs if isinstance(xs, (list, tuple)) else [xs])]
     if len(xs) != len(names):
         raise ValueError(f"`representative_data` must hold one array per model input "
                          f"({len(names)}: {names}), got {len(xs)}.")
-    it = Interpreter(model_content=data)
-    details = it.get_signature_runner(key).get_input_details()
     for name, a in zip(names, xs):
-        want = list(details[name]["shape"][1:])
+        want = [int(d) for d in details[name]["shape"][1:]]
         if a.ndim != len(want) + 1 or list(a.shape[1:]) != want or not len(a):
             raise ValueError(f"`representative_data` for input {name!r} must be shaped "
                              f"(N, {', '.join(map(str, want))}), got {a.shape}.")
@@ -358,6 +353,26 @@ def _samples(representative_data: Any, data: bytes) -> Tuple[str, List[Dict[str,
             raise ValueError(f"`representative_data` for input {name!r} is not finite.")
     n = min(len(a) for a in xs)
     return key, [{name: a[j:j + 1] for name, a in zip(names, xs)} for j in range(n)]
+
+
+def _global_min_max(old: Dict[str, np.ndarray], new: Dict[str, np.ndarray]):
+    if not old:
+        return new
+    return {"min": np.minimum(old["min"], new["min"]), "max": np.maximum(old["max"], new["max"])}
+
+
+def _calibrate(data: bytes, recipe: Any, key: str,
+               samples: List[Dict[str, np.ndarray]]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Activation ranges: min/max over all samples, as the TF converter and tfqreg.ptq take
+    them (``Quantizer.calibrate`` keeps a 0.95 moving average of per-sample ranges, which clips
+    the rare large activations: -11 pt on a Fashion-MNIST CNN)."""
+    from ai_edge_quantizer import calibrator, recipe_manager
+
+    manager = recipe_manager.RecipeManager()
+    manager.load_quantization_recipe(recipe)
+    calib = calibrator.Calibrator(data, num_threads=1, qsv_update_func=_global_min_max)
+    calib.calibrate({key: samples}, manager)
+    return dict(calib.get_model_qsvs())
 
 
 def _recipe(qt, plans: List[WeightPlan], activations: str, io_dtype: str) -> None:
@@ -440,16 +455,17 @@ def quantize_tflite(
     calibration: Dict[str, Dict[str, np.ndarray]] = {}
     with warnings.catch_warnings():  # the tool's interpreters set a "debugging only" flag
         warnings.filterwarnings("ignore", "Warning: Enabling `experimental_preserve_all_tensors`")
-        if activations == "int8":
+        if representative_data is not None:
             key, samples = _samples(representative_data, data)
-            calibration = dict(qt.calibrate({key: samples}, num_threads=1))
+        if activations == "int8":
+            calibration = _calibrate(data, qt.get_quantization_recipe(), key, samples)
         for p in plans:  # the tool's scale bound/(2^(b-1)-1) is then the grid's δ
             calibration[p.name] = {"min": -p.bound, "max": p.bound.copy()}
         result = qt.quantize(calibration, enable_progress_report=False)
     out = bytes(result.quantized_model)
     _verify(out, plans)
     if check:
-        _check_runs(out, runtime, samples, representative_data, data)
+        _check_runs(out, runtime, samples)
     if path is not None:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         with open(path, "wb") as f:
@@ -465,7 +481,7 @@ def _verify(out: bytes, plans: List[WeightPlan]) -> None:
         problem = None
         if t is None:
             problem = "the tensor is missing from the result"
-        elif t.dtype != _TYPE_OF_BITS[p.bits].lower():
+        elif t.dtype != f"int{p.bits}":
             problem = f"it was written as {t.dtype}"
         elif not np.array_equal(t.integers, p.integers):
             problem = f"{int(np.sum(t.integers != p.integers))} integers differ from round(w/δ)"
@@ -481,25 +497,18 @@ def _verify(out: bytes, plans: List[WeightPlan]) -> None:
                                f"{p.bits}-bit grid: {problem}; not writing an approximation.")
 
 
-def _check_runs(out: bytes, runtime: str, samples: List[Dict[str, np.ndarray]],
-                representative_data: Any, data: bytes) -> None:
+def _check_runs(out: bytes, runtime: str, samples: List[Dict[str, np.ndarray]]) -> None:
     from tfqreg.export import Runner  # imported here: deploy modules import downward only
 
-    if samples:
-        names = list(samples[0])
-        xs = [np.concatenate([s[n] for s in samples[:_CHECK_SAMPLES]]) for n in names]
-    else:
-        from ai_edge_litert.interpreter import Interpreter
-
-        it = Interpreter(model_content=data)
-        xs = [np.zeros([2] + list(d["shape"][1:]), np.float32) for d in it.get_input_details()]
     try:
-        ys = Runner(out, runtime).predict(xs)
+        runner = Runner(out, runtime)
+        xs = ([np.concatenate([s[n] for s in samples[:_CHECK_SAMPLES]]) for n in samples[0]]
+              if samples else [np.zeros([2] + t.shape[1:], np.float32) for t in runner.inputs])
+        ys = runner.predict(xs)
     except Exception as exc:  # the runtime's own message names the failing node
         raise RuntimeError(f"the quantized model does not run in {runtime!r}: {exc}") from exc
-    for y in ys if isinstance(ys, list) else [ys]:
-        if not np.isfinite(y).all():
-            raise RuntimeError(f"the quantized model returns non-finite values in {runtime!r}.")
+    if not all(np.isfinite(y).all() for y in (ys if isinstance(ys, list) else [ys])):
+        raise RuntimeError(f"the quantized model returns non-finite values in {runtime!r}.")
 
 
 def unpack_integers(raw: bytes, bits: int, count: int) -> np.ndarray:
@@ -536,11 +545,9 @@ class WeightTensor:
         """Most distinct integers used in one channel (per tensor when one scale)."""
         if self.integers is None:
             return None
-        if len(self.scales) <= 1:
-            return int(np.unique(self.integers).size)
-        k = np.moveaxis(self.integers, self.quantized_dimension, 0).reshape(self.shape[
-            self.quantized_dimension], -1)
-        return max(int(np.unique(row).size) for row in k)
+        k = np.moveaxis(self.integers, self.quantized_dimension, 0)
+        return max(int(np.unique(row).size)
+                   for row in k.reshape(len(k) if len(self.scales) > 1 else 1, -1))
 
     def dequantized(self) -> Optional[np.ndarray]:
         """``scale · k`` in float32 (the weights the kernels compute with)."""
@@ -608,43 +615,26 @@ def weight_report(tflite: Any) -> WeightReport:
     Returns:
         A :class:`WeightReport`.
     """
-    from tensorflow.lite.tools import flatbuffer_utils
-
     data = _as_bytes(tflite, "tflite")
-    schema = _schema()
-    builtin, types = _enum_names(schema.BuiltinOperator), _enum_names(schema.TensorType)
-    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(data))
+    model, types = _read(data)
     constant: Dict[str, int] = {}
     seen = set()
-    tensors: List[WeightTensor] = []
-    for s, sg in enumerate(model.subgraphs):
+    for sg in model.subgraphs:
         for t in sg.tensors:
             raw = _buffer_bytes(model, data, t.buffer)
             if raw is not None and t.buffer not in seen:
                 seen.add(t.buffer)
-                dtype = types.get(t.type, str(t.type)).lower()
+                dtype = types.get(t.type, str(t.type))
                 constant[dtype] = constant.get(dtype, 0) + len(raw)
-        names = [builtin.get(max(int(model.operatorCodes[op.opcodeIndex].builtinCode),
-                                 int(model.operatorCodes[op.opcodeIndex].deprecatedBuiltinCode)))
-                 for op in sg.operators or []]
-        # weights-only files feed a kernel through DEQUANTIZE(constant): follow it
-        dequantized = {int(op.outputs[0]): int(op.inputs[0])
-                       for op, n in zip(sg.operators or [], names) if n == "DEQUANTIZE"}
-        for op, name in zip(sg.operators or [], names):
-            if name not in WEIGHT_OPS or op.inputs is None or len(op.inputs) < 2:
-                continue
-            t = sg.tensors[dequantized.get(int(op.inputs[1]), int(op.inputs[1]))]
-            raw = _buffer_bytes(model, data, t.buffer)
-            if raw is None:
-                continue
-            dtype = types.get(t.type, str(t.type)).lower()
-            shape = [int(d) for d in t.shape]
-            q = t.quantization
-            scales = [float(v) for v in q.scale] if q is not None and q.scale is not None else []
-            bits = {"int2": 2, "int4": 4, "int8": 8}.get(dtype)
-            ints = (unpack_integers(raw, bits, int(np.prod(shape))).reshape(shape)
-                    if bits else None)
-            tensors.append(WeightTensor(name, s, t.name.decode("utf-8", "replace"), dtype,
-                                        shape, len(raw), scales,
-                                        int(q.quantizedDimension) if q is not None else 0, ints))
+    tensors: List[WeightTensor] = []
+    for s, _, op_name, _, t, raw in _weights(model, data):
+        dtype = types.get(t.type, str(t.type))
+        shape = [int(d) for d in t.shape]
+        q = t.quantization
+        scales = [float(v) for v in q.scale] if q is not None and q.scale is not None else []
+        bits = {"int2": 2, "int4": 4, "int8": 8}.get(dtype)
+        ints = unpack_integers(raw, bits, int(np.prod(shape))).reshape(shape) if bits else None
+        tensors.append(WeightTensor(op_name, s, t.name.decode("utf-8", "replace"), dtype, shape,
+                                    len(raw), scales,
+                                    int(q.quantizedDimension) if q is not None else 0, ints))
     return WeightReport(len(data), constant, tensors)
