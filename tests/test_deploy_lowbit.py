@@ -286,3 +286,19 @@ def test_report_counts_bytes_by_type(setup):
     assert r.constant_bytes["int4"] == r.weight_bytes["int4"]
     assert sum(r.constant_bytes.values()) < r.size_bytes == len(q)
     assert "int4" in r.to_text() and r.to_dict()["weight_bytes"] == r.weight_bytes
+
+
+def test_two_inputs_take_one_array_each_in_model_order():
+    keras.utils.set_random_seed(4)
+    image, vector = keras.Input((8, 8, 1), batch_size=1), keras.Input((4,), batch_size=1)
+    h = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(4, 3, activation="relu")(image))
+    out = keras.layers.Dense(3)(keras.layers.Concatenate()([h, vector]))
+    model = keras.Model([image, vector], out)
+    flat = _flat(ptq.quantize(model, 4))
+    rng = np.random.default_rng(5)
+    xs = [rng.random((16, 8, 8, 1), dtype=np.float32), rng.random((16, 4), dtype=np.float32)]
+    q = lowbit.quantize_tflite(flat, 4, "litert", xs)
+    y_float, y = Runner(flat).predict(xs), Runner(q).predict(xs)
+    assert np.abs(y - y_float).max() < 0.05 * np.abs(y_float).max()
+    with pytest.raises(ValueError, match="representative_data"):
+        lowbit.quantize_tflite(flat, 4, "litert", xs[::-1])
