@@ -371,3 +371,51 @@ def test_qat_quantizes_after_the_fused_op_not_between_conv_and_batchnorm():
     assert config.activation_bits == 8
     x = np.random.default_rng(0).random((4, 12, 12, 3)).astype(np.float32)
     assert np.isfinite(qat(x).numpy()).all()
+
+
+# ----------------------------------------------------------------------------- training terms
+def _trainable_bn_model():
+    inp = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, use_bias=False, name="conv")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.ReLU(name="relu")(h)
+    h = keras.layers.Flatten()(h)
+    out = keras.layers.Dense(3, activation="softmax", name="fc")(h)
+    return randomize_bn(keras.Model(inp, out), seed=7)
+
+
+def test_gradient_l1_uses_the_gradient_wrt_the_folded_kernel():
+    from tfqreg import training
+
+    model = _trainable_bn_model()
+    rng = np.random.default_rng(0)
+    x = rng.random((8, 6, 6, 2)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    term = training.GradientL1(lambda_w=1.0)
+    got = float(term.penalty(model, x, y, loss)["norm_w"])
+    conv, fc = model.get_layer("conv"), model.get_layer("fc")
+    with tf.GradientTape() as tape:
+        task = loss(y, model(x))
+    g_conv, g_fc = tape.gradient(task, [conv.kernel, fc.kernel])
+    expected = np.abs(g_conv.numpy() / np_scale(model.get_layer("bn"))).sum() + \
+        np.abs(g_fc.numpy()).sum()
+    assert got == pytest.approx(expected, rel=1e-5)
+
+
+def test_learnable_msqe_and_round_to_grid_act_on_the_folded_kernel():
+    from tfqreg import training
+
+    model = _trainable_bn_model()
+    term = training.LearnableMSQE(bits=3, learn_step=False)
+    training.TrainingModel(model, [term])
+    r, _ = term.regularizer_value()
+    w_conv, _ = np_fold(model.get_layer("conv"), model.get_layer("bn"))
+    w_fc = model.get_layer("fc").kernel.numpy().astype(np.float64)
+    expected = sum(np.mean((w - np_grid(w, 3, None)) ** 2) for w in (w_conv, w_fc))
+    assert float(r) == pytest.approx(expected, rel=1e-4)
+    training.round_to_grid(model, bits=3)
+    folded = fold.fold_model(model).get_layer("conv").kernel.numpy()
+    step = np.abs(folded).max() / 3
+    np.testing.assert_allclose(folded / step, np.round(folded / step), atol=1e-4)
+    assert len(np.unique(np.round(folded / step))) <= 8

@@ -82,7 +82,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfqreg import grid
+from tfqreg import fold, grid
 from tfqreg._keras import check_keras2, keras, register, tf
 
 __all__ = [
@@ -216,6 +216,41 @@ def _walk_layers(model) -> List:
 def _kernels_of(layer) -> List:
     # the outer layer: TFMOT's wrapper moves the kernel out of the wrapped layer's weights
     return [v for v in layer.trainable_weights if _short_name(v) in _KERNEL_NAMES]
+
+
+def _fold_scale(layer, kernel):
+    """``(layer, BatchNorm)`` when ``kernel`` is the main kernel of a plain layer that a
+    BatchNorm folds into (:mod:`tfqreg.fold`), else ``None``."""
+    if isinstance(layer, keras.layers.Wrapper):
+        return None
+    main = getattr(layer, "depthwise_kernel", None) if isinstance(
+        layer, keras.layers.DepthwiseConv2D) else getattr(layer, "kernel", None)
+    if main is not kernel:
+        return None
+    bn = fold.following_batchnorm(layer)
+    return None if bn is None else (layer, bn)
+
+
+def _folded(info, kernel) -> tf.Tensor:
+    """The kernel the device quantizes (``kernel`` itself when ``info`` is ``None``)."""
+    if info is None:
+        return kernel
+    layer, bn = info
+    return tf.cast(fold.fold_kernel(layer, kernel, fold.batchnorm_scale(bn)), kernel.dtype)
+
+
+def _unfolded(info, kernel, folded_value) -> tf.Tensor:
+    """The raw kernel whose fold is ``folded_value`` (``w = w'/s``; channels with ``s = 0``
+    keep their raw value: a BatchNorm with γ = 0 zeroes them anyway)."""
+    if info is None:
+        return folded_value
+    layer, bn = info
+    s = fold.batchnorm_scale(bn)
+    inv = tf.math.divide_no_nan(tf.ones_like(s), s)
+    raw = tf.cast(fold.fold_kernel(layer, folded_value, inv), kernel.dtype)
+    dead = tf.cast(fold.fold_kernel(layer, tf.ones_like(kernel), tf.cast(
+        tf.equal(s, 0.0), tf.float32)), tf.bool)
+    return tf.where(dead, tf.convert_to_tensor(kernel), raw)
 
 
 def kernel_layers(model, layers: Optional[Sequence[str]] = None, owner: str = "term") -> list:
@@ -432,6 +467,11 @@ class GradientL1(_Term):
         start_step: optimizer step from which the term is on.
         start_epoch: epoch (0-based) from which the term is on (``fit`` only).
         reduction: ``"sum"`` (paper) or ``"mean"`` (ℓ1 norm / size per tensor).
+
+    BatchNorm: for a kernel that a BatchNorm folds into (:mod:`tfqreg.fold`), the weight term is
+    the gradient with respect to the FOLDED kernel ``w' = w·s`` (``s = γ/√(σ²+ε)``, moving
+    statistics), ``∇_{w'} L = ∇_w L / s`` per channel: the device quantizes ``w'``, so the
+    first-order loss increase of its rounding is ``δ'/2·‖∇_{w'} L‖₁``.
     """
 
     metric_names = ("gradient_l1", "grad_l1_w", "grad_l1_a")
@@ -463,6 +503,7 @@ class GradientL1(_Term):
                 "from epoch 1 kept FP32 there), a smaller λ (1e-4 is safe from step 0), or "
                 "reduction='mean'.", stacklevel=2)
         self._kernels: List = []
+        self._kernel_folds: List = []
         self._kernel_sizes: List[int] = []
         self._act_layers: List = []
 
@@ -478,6 +519,7 @@ class GradientL1(_Term):
     def _attach(self, model):
         found = kernel_layers(model, self.layer_names, owner="GradientL1")
         self._kernels = [k for _, ks in found for k in ks]
+        self._kernel_folds = [_fold_scale(l, k) for l, ks in found for k in ks]
         self._kernel_sizes = [int(np.prod(k.shape)) for k in self._kernels]
         if self.lambda_a > 0:
             if self.activation_names is None:
@@ -512,7 +554,12 @@ class GradientL1(_Term):
     # -- the functional core --------------------------------------------------------------------
     def _norm_w(self, grads) -> tf.Tensor:
         terms = []
-        for g, n in zip(grads, self._kernel_sizes):
+        folds = getattr(self, "_kernel_folds", None) or [None] * len(grads)
+        for g, n, info in zip(grads, self._kernel_sizes, folds):
+            if info is not None:  # gradient w.r.t. the folded kernel: ∇_w L / s
+                scale = fold.batchnorm_scale(info[1])
+                inv = tf.math.divide_no_nan(tf.ones_like(scale), scale)
+                g = tf.cast(fold.fold_kernel(info[0], g, inv), g.dtype)
             s = tf.reduce_sum(tf.abs(g))
             terms.append(s / n if self.reduction == "mean" else s)
         return tf.add_n(terms) if terms else tf.constant(0.0)
@@ -596,6 +643,7 @@ class _Learnable(_Term):
         self.alpha_max = args["alpha_max"]
         self.layer_names = args["layers"]
         self._targets: List[Tuple] = []  # (layer, kernel, channel_axes)
+        self._folds: List = []  # (layer, BatchNorm) or None per target
         self.alpha = None
 
     def get_config(self):
@@ -608,6 +656,7 @@ class _Learnable(_Term):
         found = kernel_layers(model, self.layer_names, owner=owner)
         self._targets = [(l, k, grid.channel_axes_for(_unwrap(l)))
                          for l, ks in found for k in ks]
+        self._folds = [_fold_scale(l, k) for l, k, _ in self._targets]
         dtype = self._targets[0][1].dtype
         alpha_max = self.alpha_max
         self.alpha = self.add_weight(
@@ -653,6 +702,10 @@ class LearnableMSQE(_Learnable):
         layers: names of the layers whose kernels are regularized (default: all kernels).
         learn_step: train δ (stored as log δ); ``False`` uses ``grid.default_step`` of the
             current weights every step.
+
+    BatchNorm: a kernel that a BatchNorm folds into is measured as the device quantizes it,
+    folded (``w·γ/√(σ²+ε)``, moving statistics; :mod:`tfqreg.fold`): δ is the folded kernel's
+    step, and :func:`round_to_grid` sets ``w = Q(w·s)/s`` so that the fold lies on the grid.
     """
 
     metric_names = ("msqe", "exp_alpha", "delta")
@@ -684,8 +737,8 @@ class LearnableMSQE(_Learnable):
         if not self.learn_step:
             return
         used = set()
-        for layer, kernel, axes in self._targets:
-            init = np.log(grid.default_step(kernel, self.bits, self._axes(axes),
+        for (layer, kernel, axes), info in zip(self._targets, self._folds):
+            init = np.log(grid.default_step(_folded(info, kernel), self.bits, self._axes(axes),
                                             self.narrow_range).numpy())
             base = f"{_unwrap(layer).name}_{_short_name(kernel)}".replace("_kernel", "")
             base = base if base not in used else f"{base}_{len(used)}"
@@ -698,30 +751,33 @@ class LearnableMSQE(_Learnable):
         """The current step δ of each target kernel (learned, or the default step)."""
         if self.learn_step:
             return [tf.exp(s) for s in self._log_steps]
-        return [tf.stop_gradient(grid.default_step(k, self.bits, self._axes(axes),
-                                                   self.narrow_range))
-                for _, k, axes in self._targets]
+        return [tf.stop_gradient(grid.default_step(_folded(info, k), self.bits,
+                                                   self._axes(axes), self.narrow_range))
+                for (_, k, axes), info in zip(self._targets, self._folds)]
 
     def reset_steps(self) -> None:
         """Re-initialise every δ to ``grid.default_step`` of the current kernels (e.g. after
         loading pretrained weights into the inner model)."""
-        for s, (_, k, axes) in zip(self._log_steps, self._targets):
-            s.assign(tf.math.log(grid.default_step(k, self.bits, self._axes(axes),
-                                                   self.narrow_range)))
+        for s, (_, k, axes), info in zip(self._log_steps, self._targets, self._folds):
+            s.assign(tf.math.log(grid.default_step(_folded(info, k), self.bits,
+                                                   self._axes(axes), self.narrow_range)))
 
     def regularizer_value(self):
         r, step_sum, step_n = 0.0, 0.0, 0
-        for (_, k, _), step in zip(self._targets, self.steps()):
-            q = grid.fake_quant(k, step, self.bits, self.narrow_range)
-            r += tf.reduce_mean(tf.square(k - q))  # per-tensor MSQE, summed over tensors
+        for (_, k, _), step, info in zip(self._targets, self.steps(), self._folds):
+            w = _folded(info, k)
+            q = grid.fake_quant(w, step, self.bits, self.narrow_range)
+            r += tf.reduce_mean(tf.square(w - q))  # per-tensor MSQE, summed over tensors
             step_sum += tf.reduce_sum(step)
             step_n += int(np.prod(step.shape)) if step.shape.rank else 1
         return r, {"msqe": r, "delta": step_sum / float(step_n)}
 
     def quantized(self) -> List[Tuple]:
-        """``[(kernel variable, Q(kernel))]`` on the learned grid."""
-        return [(k, grid.fake_quant(k, step, self.bits, self.narrow_range))
-                for (_, k, _), step in zip(self._targets, self.steps())]
+        """``[(kernel variable, value)]``: ``Q(kernel)`` on the learned grid, or for a kernel that
+        a BatchNorm folds into, ``Q(w·s)/s`` (its fold lies on the grid)."""
+        return [(k, _unfolded(info, k, grid.fake_quant(_folded(info, k), step, self.bits,
+                                                       self.narrow_range)))
+                for (_, k, _), step, info in zip(self._targets, self.steps(), self._folds)]
 
 
 @register
@@ -1050,7 +1106,9 @@ class TrainingModel(keras.Model):
 
 def round_to_grid(model_or_term, bits: Optional[int] = None, per_channel: bool = False,
                   narrow_range: bool = False):
-    """Snap kernels to the grid: ``w ← Q_δ(w)`` with the learned δ.
+    """Snap kernels to the grid: ``w ← Q_δ(w)`` with the learned δ; a kernel that a BatchNorm
+    folds into gets ``w ← Q_δ(w·s)/s``, so that the folded kernel the device quantizes lies on
+    the grid (:mod:`tfqreg.fold`).
 
     Args:
         model_or_term: a :class:`TrainingModel` (every :class:`LearnableMSQE` term), a
@@ -1089,6 +1147,8 @@ def round_to_grid(model_or_term, bits: Optional[int] = None, per_channel: bool =
     for layer, kernels in kernel_layers(model_or_term, None, owner="round_to_grid"):
         axes = grid.channel_axes_for(_unwrap(layer)) if per_channel else None
         for k in kernels:
-            step = grid.default_step(k, bits, axes, narrow_range)
-            k.assign(grid.fake_quant(k, step, bits, narrow_range))
+            info = _fold_scale(layer, k)
+            w = _folded(info, k)
+            step = grid.default_step(w, bits, axes, narrow_range)
+            k.assign(_unfolded(info, k, grid.fake_quant(w, step, bits, narrow_range)))
     return model_or_term
