@@ -19,10 +19,11 @@ DEPTHWISE_CONV_2D   INT4, INT8                 INT4, INT8
 FULLY_CONNECTED     INT2, INT4, INT8           INT4 (per tensor only), INT8
 ==================  =========================  ============================================
 
-An INT2 CONV_2D either fails to prepare in LiteRT or, on some paths, runs and returns NaN
-without an error; TFLite Micro has no INT2 kernel and its DEQUANTIZE has no INT4, so low-bit
-weights with float activations cannot run there. Those combinations are refused here with a
-``ValueError`` naming the op and the runtime, before anything is written. With float
+An INT2 CONV_2D fails to prepare in LiteRT with int8 activations and, as dynamic-range
+quantization (which ai-edge-quantizer's own policy allows), runs and returns only NaN. TFLite
+Micro has no INT2 kernel, and its DEQUANTIZE has no INT4, so low-bit weights with float
+activations cannot run there. Those combinations are refused here with a ``ValueError`` naming
+the op and the runtime, before anything is written. With float
 activations (``activations="float"``, LiteRT only) the file holds the packed weights and a
 DEQUANTIZE op in front of each float kernel: smaller file, float arithmetic.
 
@@ -48,10 +49,10 @@ integers ``k`` exactly. Its ``DEQUANTIZED_WEIGHT_RECOVERY`` algorithm cannot: it
 DEPTHWISE_CONV_2D, and its scale is the smallest float gap between distinct ``|w|`` of a
 channel, which differs from ``δ`` in the last bits (bit-equal in 16 of 122 channels of a
 Fashion-MNIST CNN) and is ``2δ`` (then it fails) for a channel whose ``|k|`` are e.g.
-``{0, 2, 5, 7}``. Before calling the tool, every weight tensor is checked to lie on the requested grid
-(within 1e-4 of a step) and refused otherwise; after it, every weight tensor of the result is
-read back and compared with ``k`` and ``δ``; any difference is an error, never a silent
-approximation. Activations are calibrated to int8 (asymmetric, per tensor) on the min/max
+``{0, 2, 5, 7}``. Before calling the tool, every weight tensor is checked to lie on the
+requested grid (within 1e-4 of a step) and refused otherwise; after it, every weight tensor of
+the result is read back and compared with ``k`` and ``δ``; any difference is an error, never a
+silent approximation. Activations are calibrated to int8 (asymmetric, per tensor) on the min/max
 over all of ``representative_data``, as the TF converter and :func:`tfqreg.ptq.quantize` do;
 model inputs and outputs are int8 by default, like tfqreg's int8 export
 (``io_dtype="float32"`` adds QUANTIZE / DEQUANTIZE ops at the edges).
