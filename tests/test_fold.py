@@ -419,3 +419,32 @@ def test_learnable_msqe_and_round_to_grid_act_on_the_folded_kernel():
     step = np.abs(folded).max() / 3
     np.testing.assert_allclose(folded / step, np.round(folded / step), atol=1e-4)
     assert len(np.unique(np.round(folded / step))) <= 8
+
+
+# ----------------------------------------------------------------------------- compression
+@pytest.mark.slow
+def test_compression_codes_the_folded_kernels(fashion_small):
+    from tfqreg import compression
+    from tfqreg.compression.fileformat import coded_kernels, decode_model
+
+    (x, y), (xt, yt) = fashion_small
+    keras.utils.set_random_seed(0)
+    model = models.ds_cnn(filters=(8, 16))
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x[:3000], y[:3000], batch_size=64, epochs=1, verbose=0)
+    comp = compression.Compressor(fraction=0.5, bits=4, prune_epochs=1, quant_epochs=1,
+                                  batch_size=64, steps_per_epoch=10, verbose=0)
+    res = comp.run(model, (x, y), (xt[:300], yt[:300]))
+    assert res.report.settings["batchnorm_folded"] == [["stem", "bn_stem"], ["dw1", "bn_dw1"],
+                                                       ["pw1", "bn_pw1"]]
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in res.model.layers)
+    kernels = coded_kernels(res.model)
+    assert {"stem/kernel", "dw1/depthwise_kernel", "pw1/kernel", "fc/kernel"} <= set(kernels)
+    for key, (_, var, _) in kernels.items():  # the folded kernels are exactly δ·index
+        w, step = var.numpy(), res.steps[key]
+        idx = np.round(w / step)
+        assert np.array_equal((idx * step).astype(np.float32), w), key
+        assert np.abs(idx).max() <= 8
+    decoded = decode_model(res.compressed.to_bytes())
+    np.testing.assert_array_equal(decoded.predict(xt[:50], verbose=0),
+                                  res.model.predict(xt[:50], verbose=0))

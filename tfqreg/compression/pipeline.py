@@ -2,6 +2,7 @@
 
     float model ─► (1) learnable partial L2 at fraction r ─► (2) prune (fixed mask)
                 ─► (3) learnable MSQE at b bits, mask kept ─► snap to the learned grid
+                ─► fold BatchNorms into the kernels (when any follow a Conv/Dense)
                 ─► (4) Huffman-code the indices ─► (5) .tfqz, decoded and checked bit-identical
 
 Stage (1) uses :class:`tfqreg.training.LearnablePartialL2` (``e^α·P − β·α``: the r smallest
@@ -12,7 +13,10 @@ channel) while :class:`~tfqreg.compression.pruning.PruningMask` keeps the pruned
 exactly zero after every optimizer step; at the end the kernels are snapped to ``δ·index``
 (:func:`tfqreg.training.round_to_grid`, then
 :func:`~tfqreg.compression.fileformat.quantize_weights` for the decoder's exact float32
-arithmetic; 0 is on the grid, so the pruned zeros stay zero). Stages (4)-(5) are
+arithmetic; 0 is on the grid, so the pruned zeros stay zero). A BatchNorm after a Conv / Dense is
+folded into it as the TFLite converter does (:mod:`tfqreg.fold`): MSQE learns the FOLDED
+kernel's grid, and the coded model is the folded one (its kernels exactly ``δ·index``, the
+BatchNorms gone), so what is coded is what the device quantizes. Stages (4)-(5) are
 :func:`~tfqreg.compression.fileformat.encode_model`; the decoded model is compared with the
 quantized one weight by weight (bit for bit) before the result is returned.
 
@@ -31,7 +35,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tfqreg import grid, training
+from tfqreg import fold, grid, training
 from tfqreg._keras import check_keras2, keras, register, tf
 from tfqreg.compression import pruning
 from tfqreg.compression.fileformat import (CompressedModel, coded_kernels,
@@ -360,14 +364,32 @@ class Compressor:
         return terms, history
 
     def snap(self, model, terms, masks) -> Dict[str, np.ndarray]:
-        """Stage 3b: snap the kernels to the learned grid; returns the float32 steps."""
+        """Stage 3b: snap the kernels to the learned grid; returns the float32 steps.
+
+        A kernel that a BatchNorm folds into is snapped so that its FOLD lies on the grid
+        (``w = Q(w·s)/s``, :func:`tfqreg.training.round_to_grid`); :meth:`fold` then gives the
+        model whose kernels are exactly ``δ·index``."""
         training.round_to_grid(_as_list(terms))
         steps = learned_steps(terms, model)
-        # the decoder's exact arithmetic (float32 δ × float32 index); a no-op up to rounding
-        quantize_weights(model, self.bits, steps, self.per_channel, self.narrow_range,
-                         self.layers)
-        pruning.apply_masks(model, masks)  # already zero (0 is on the grid); a guarantee
+        if not fold.find_folds(model).folds:
+            # the decoder's exact arithmetic (float32 δ × float32 index); a no-op up to rounding
+            quantize_weights(model, self.bits, steps, self.per_channel, self.narrow_range,
+                             self.layers)
+            pruning.apply_masks(model, masks)  # already zero (0 is on the grid); a guarantee
         return steps
+
+    def fold(self, model, steps, masks):
+        """Stage 3c: fold the BatchNorms into the snapped kernels (as the TFLite converter
+        does) and put the folded kernels exactly on ``δ·index``; returns ``(model, folds)``.
+        Without a foldable BatchNorm, ``model`` itself (already exact) and ``[]``."""
+        folds = fold.find_folds(model).folds
+        if not folds:
+            return model, []
+        folded = fold.fold_model(model)
+        quantize_weights(folded, self.bits, steps, self.per_channel, self.narrow_range,
+                         self.layers)
+        pruning.apply_masks(folded, masks)
+        return folded, folds
 
     def train_msqe(self, model, data, masks) -> Tuple[Dict[str, np.ndarray], dict]:
         """Stage 3: :meth:`finetune_msqe` then :meth:`snap`; returns ``(steps, history)``."""
@@ -421,6 +443,10 @@ class Compressor:
         terms, hist["msqe"] = self.finetune_msqe(work, train, masks)
         record("msqe", work)
         steps = self.snap(work, terms, masks)
+        work, folds = self.fold(work, steps, masks)
+        if folds:
+            self._log(f"folded {len(folds)} BatchNorm(s) into the coded kernels (the kernels "
+                      "the device quantizes)")
         record("quantized", work)
         self._log("stage 4/5: Huffman coding")
         compressed = encode_model(work, self.bits, steps, self.per_channel, self.narrow_range,
@@ -439,6 +465,7 @@ class Compressor:
         report.settings.update(self.get_config())
         report.settings["grid_rms_final"] = hist["msqe"].get("grid_rms_final")
         report.settings["grid_rms_by_kernel"] = hist["msqe"].get("grid_rms_by_kernel")
+        report.settings["batchnorm_folded"] = [list(p) for p in folds]
         compressed.refresh_report()
         return CompressionResult(work, compressed, masks, steps, hist)
 
