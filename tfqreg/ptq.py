@@ -52,7 +52,7 @@ import dataclasses
 import json
 import logging
 import math
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -97,6 +97,8 @@ def _check_args(model=None, weight_bits=None, activation_bits=None, per_channel=
             raise ValueError(
                 "`model` has no quantizable layer (Dense, Conv1D/2D/3D, a transposed "
                 "convolution or DepthwiseConv2D without a larq kernel_quantizer).")
+    if per_channel == "conv":
+        per_channel = True
     grid.check_quant_args(weight_bits, activation_bits, per_channel, narrow_range)
 
 
@@ -430,12 +432,14 @@ class _PTQModel:
 
         return keras.models.clone_model(base, clone_function=wrap)
 
-    def set_weight_bits(self, bits: Optional[int], per_channel: bool, narrow_range: bool):
+    def set_weight_bits(self, bits: Optional[int], per_channel, narrow_range: bool):
         for layer, w in zip(self.layers, self.float_kernels):
             if bits is None:
                 q = w
             else:
-                axes = grid.channel_axes_for(layer) if per_channel else None
+                channel = per_channel is True or (
+                    per_channel == "conv" and not isinstance(layer, keras.layers.Dense))
+                axes = grid.channel_axes_for(layer) if channel else None
                 step = grid.default_step(w, bits, axes, narrow_range)
                 q = grid.fake_quant(w, step, bits, narrow_range).numpy()
             getattr(layer, _kernel_attr(layer)).assign(q)
@@ -448,19 +452,15 @@ class _PTQModel:
         self._predict = None  # Python attributes changed: trace again
 
     def calibrate(self, data, bits: int):
-        """Ranges from the FLOAT model (as the TFLite converter calibrates), then fixed output
-        grids where TFLite fixes them (softmax, sigmoid, tanh)."""
-        variables = [getattr(l, _kernel_attr(l)) for l in self.layers]
-        current = [v.numpy() for v in variables]
-        for v, w in zip(variables, self.float_kernels):
-            v.assign(w)
+        """Ranges: min/max over ``data`` of the model with its kernels as they are now (on the
+        grid), as ai-edge-quantizer calibrates the sub-8-bit files (at 8 bits this equals the
+        TF converter's float calibration to within a grid step); then fixed output grids where
+        TFLite fixes them (softmax, sigmoid, tanh)."""
         self.set_activation_mode("calibrate")
         for wrapper in self.wrappers:
             wrapper.reset_ranges()
         for x in _batches(data, self.model, "calibration_data", with_labels=False):
             self.predict(x)
-        for v, w in zip(variables, current):
-            v.assign(w)
         for wrapper in self.wrappers:
             fixed = wrapper.quantize_output and wrapper.fixed_output_range(bits)
             if fixed:
@@ -476,7 +476,7 @@ class _PTQModel:
 
 
 def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int] = None,
-             per_channel: bool = True, calibration_data=None,
+             per_channel: Union[bool, str] = True, calibration_data=None,
              narrow_range: bool = False) -> keras.Model:
     """A new model that computes what the device computes: BatchNorms folded, then
     ``weight_bits``-bit kernels and optionally ``activation_bits``-bit activations, fake-quantized
@@ -488,7 +488,9 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
         activation_bits: 2..16 to quantize the tensors TFLite quantizes (the model input, the
             output of every fused op; see the module docstring), or ``None`` (float
             activations).
-        per_channel: one step per output channel (default) or one per kernel.
+        per_channel: one step per output channel (``True``, default), one per kernel
+            (``False``), or ``"conv"``: per channel for convolutions and per tensor for
+            ``Dense`` (what TFLite Micro's INT4 FULLY_CONNECTED kernel needs).
         calibration_data: inputs for the activation ranges (required with ``activation_bits``):
             a NumPy array ``x``, a tuple ``(x, y)`` or a ``tf.data.Dataset``; a few batches
             (hundreds to a few thousand examples) are enough.

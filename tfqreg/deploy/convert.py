@@ -35,8 +35,26 @@ dynamic. Conversion errors become :class:`ConversionError` naming the offending 
 converter's exception is chained as ``__cause__``); a failed parity check is a
 :class:`ParityError` carrying the report.
 
+Sub-8-bit weights (``weight_bits=4`` or ``2``): the file holds packed INT4 / INT2 kernels
+(:mod:`tfqreg.deploy.lowbit`) on exactly the grid :func:`tfqreg.ptq.quantize` simulates:
+
+1. ``ptq.quantize(model, weight_bits)`` folds the BatchNorms and puts every kernel on the tfqreg
+   grid (per output channel; on TFLite Micro, ``Dense`` per tensor, as its INT4
+   FULLY_CONNECTED requires);
+2. that model is converted to a float ``.tflite`` (its weights already on the grid, nothing left
+   to fold);
+3. :func:`tfqreg.deploy.lowbit.quantize_tflite` writes the integers ``k = w/δ`` and scales ``δ``
+   bit for bit into INT4 (INT2 for FULLY_CONNECTED with ``weight_bits=2`` on LiteRT; a
+   convolution's 2-bit grid is stored in INT4), int8 activations calibrated on
+   ``representative_data``; combinations the target runtime cannot run are refused.
+
+The parity check then compares the file with the SIMULATED model
+(``ptq.quantize(model, weight_bits, activation_bits=8, ...)``), not with the float model: the
+claim checked is "the device computes what tfqreg simulated". The report's ``extra`` has the
+weight bytes by tensor type and the grid.
+
 The shared steps (data -> samples, static batch, parity) are :mod:`tfqreg.deploy.samples`; a
-new converter (e.g. a low-bit one) uses them and :func:`finish_export` the same way.
+new converter uses them and :func:`finish_export` the same way.
 """
 
 from __future__ import annotations
@@ -268,6 +286,9 @@ def to_tflite(
     min_agreement: float = 0.99,
     allow_float_ops: bool = False,
     calibration_samples: int = CALIBRATION_SAMPLES,
+    weight_bits: Optional[int] = None,
+    runtime: str = "litert",
+    per_channel: bool = True,
 ) -> ExportResult:
     """Convert a Keras model to TFLite and check it against Keras in the LiteRT interpreter.
 
@@ -289,6 +310,14 @@ def to_tflite(
         allow_float_ops: int8 mode: keep ops TFLite cannot quantize in float (noted in the
             report) instead of raising.
         calibration_samples: how many representative samples calibrate the ranges.
+        weight_bits: ``None`` / ``8``: the TF converter's int8 weights; ``4`` or ``2``: packed
+            INT4 / INT2 weights on tfqreg's grid (see the module docstring), with
+            ``mode="int8"`` (int8 activations) or ``mode="dynamic"`` (float activations,
+            LiteRT only).
+        runtime: for ``weight_bits`` 4 / 2: ``"litert"`` or ``"micro"`` (TFLite Micro); decides
+            what is refused, the Dense granularity, and where the parity check runs.
+        per_channel: for ``weight_bits`` 4 / 2: per-output-channel steps (default; ``Dense``
+            stays per tensor on TFLite Micro) or one step per kernel.
 
     Returns:
         An :class:`~tfqreg.deploy.report.ExportResult`.
@@ -301,6 +330,10 @@ def to_tflite(
     check_keras2(model, "model", keras.Model)
     io_dtype = io_dtype or ("int8" if mode == "int8" else "float32")
     check_arguments(mode, io_dtype, batch_size, representative_data, min_agreement, atol)
+    if weight_bits not in (None, 8):
+        return _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check,
+                          sample, path, min_agreement, calibration_samples, weight_bits,
+                          runtime, per_channel)
     specs = input_specs(model)
     rep_xs = None
     if representative_data is not None:
@@ -343,6 +376,80 @@ def to_tflite(
         notes += [f"kept in float: {b}" for b in bad]
     return finish_export(model, flat, "tflite", mode, io_dtype, batch_size, check, xs, "litert",
                          atol, min_agreement, path, notes)
+
+
+def lowbit_granularity(runtime: str, per_channel: bool = True):
+    """The ``per_channel`` argument of :func:`tfqreg.ptq.quantize` for a sub-8-bit file:
+    TFLite Micro's INT4 FULLY_CONNECTED takes one scale per tensor, so ``Dense`` is per tensor
+    there (``"conv"``)."""
+    if runtime == "micro":
+        return "conv" if per_channel else False
+    return per_channel
+
+
+def simulated_reference(model: Any, weight_bits: int, runtime: str = "litert",
+                        per_channel: bool = True, calibration: Optional[np.ndarray] = None):
+    """The Keras model a sub-8-bit file must agree with: ``tfqreg.ptq.quantize`` at
+    ``weight_bits`` with the file's granularity, and 8-bit activations calibrated on
+    ``calibration`` (``None``: float activations)."""
+    from tfqreg import ptq
+
+    granularity = lowbit_granularity(runtime, per_channel)
+    if calibration is None:
+        return ptq.quantize(model, weight_bits, per_channel=granularity)
+    return ptq.quantize(model, weight_bits, activation_bits=8, per_channel=granularity,
+                        calibration_data=calibration)
+
+
+def _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check, sample, path,
+               min_agreement, calibration_samples, weight_bits, runtime, per_channel):
+    """``to_tflite`` with packed INT4 / INT2 weights (see the module docstring)."""
+    from tfqreg import ptq
+    from tfqreg.deploy import lowbit
+
+    if isinstance(weight_bits, bool) or weight_bits not in (2, 4):
+        raise ValueError(f"`weight_bits` must be None, 8, 4 or 2, got {weight_bits!r}.")
+    if runtime not in lowbit.RUNTIMES:
+        raise ValueError(f"`runtime` must be one of {lowbit.RUNTIMES}, got {runtime!r}.")
+    if not isinstance(per_channel, bool):
+        raise TypeError(f"`per_channel` must be a bool, got {per_channel!r}.")
+    if mode == "float":
+        raise ValueError("`weight_bits` 4 / 2 needs mode='int8' (int8 activations) or "
+                         "mode='dynamic' (float activations, LiteRT only), not mode='float'.")
+    if representative_data is None:
+        raise ValueError("`representative_data` is required with `weight_bits` 4 / 2 (it "
+                         "calibrates the activations and the simulated reference).")
+    specs = input_specs(model)
+    if len(specs) != 1:
+        raise ValueError("`weight_bits` 4 / 2 supports single-input models (tfqreg.ptq "
+                         f"simulates the reference); this model has {len(specs)} inputs.")
+    rep_xs = to_samples(representative_data, specs, "representative_data", calibration_samples)
+    xs = sample_inputs(specs, sample, rep_xs) if check else None
+    granularity = lowbit_granularity(runtime, per_channel)
+    on_grid = ptq.quantize(model, weight_bits, per_channel=granularity)
+    activations = "int8" if mode == "int8" else "float"
+    reference = simulated_reference(model, weight_bits, runtime, per_channel,
+                                    rep_xs[0] if activations == "int8" else None)
+    converter = tf.lite.TFLiteConverter.from_keras_model(static_model(on_grid, batch_size))
+    try:
+        flat = converter.convert()
+    except Exception as e:
+        raise ConversionError(explain_converter_error(e, "TFLite conversion (float, for "
+                                                      f"{weight_bits}-bit weights)", model)) from e
+    out = lowbit.quantize_tflite(flat, weight_bits, runtime, rep_xs, activations=activations,
+                                 io_dtype=io_dtype, check=False)
+    weights = lowbit.weight_report(out)
+    steps = {True: "per channel", False: "per tensor", "conv": "per channel, Dense per tensor"}
+    notes = [f"weights on tfqreg's {weight_bits}-bit grid ({steps[granularity]}, BatchNorm "
+             f"folded); parity is measured against the simulated model tfqreg.ptq.quantize("
+             f"model, {weight_bits}{', activation_bits=8' if activations == 'int8' else ''}), "
+             "not the float model"]
+    extra = {"weight_bits": weight_bits, "runtime": runtime, "activations": activations,
+             "weight_bytes_by_type": weights.weight_bytes,
+             "weight_bytes": weights.total_weight_bytes}
+    backend = "micro" if runtime == "micro" else "litert"
+    return finish_export(reference, out, "tflite", mode, io_dtype, batch_size, check, xs, backend,
+                         1e-5, min_agreement, path, notes, extra)
 
 
 # --------------------------------------------------------------------------------------------

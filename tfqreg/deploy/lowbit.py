@@ -499,7 +499,7 @@ def _verify(out: bytes, plans: List[WeightPlan]) -> None:
 
 
 def _check_runs(out: bytes, runtime: str, samples: List[Dict[str, np.ndarray]]) -> None:
-    from tfqreg.export import Runner  # imported here: deploy modules import downward only
+    from tfqreg.deploy.runtime import Runner
 
     try:
         runner = Runner(out, runtime)

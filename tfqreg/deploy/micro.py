@@ -45,10 +45,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tfqreg._keras import check_keras2, keras
-from tfqreg.deploy.convert import ConversionError, ParityError, to_tflite
+from tfqreg.deploy.convert import ConversionError, ParityError, simulated_reference, to_tflite
 from tfqreg.deploy.report import ExportReport
 from tfqreg.deploy.runtime import Runner
-from tfqreg.deploy.samples import CHECK_SAMPLES, input_specs, measure_parity, to_samples
+from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, CHECK_SAMPLES, input_specs,
+                                  measure_parity, to_samples)
 from tfqreg.deploy.tflite_file import TfliteGraph, as_flatbuffer, read_tflite
 
 __all__ = ["OP_RESOLVER_METHODS", "MicroResult", "measure_arena", "micro_runs_with",
@@ -381,6 +382,7 @@ def to_micro(
     check: bool = True,
     sample: Any = None,
     min_agreement: float = 0.99,
+    weight_bits: Optional[int] = None,
 ) -> MicroResult:
     """Export ``model`` for TensorFlow Lite Micro (see the module docstring).
 
@@ -396,6 +398,11 @@ def to_micro(
             ``min_agreement`` raises :class:`tfqreg.deploy.convert.ParityError`.
         sample: inputs for the checks (default: the representative data).
         min_agreement: minimum top-1 agreement of the int8 model with Keras.
+        weight_bits: ``None`` / ``8`` for int8 weights; ``4`` for packed INT4 weights on
+            tfqreg's grid (convolutions per channel, ``Dense`` per tensor, int8 activations;
+            :func:`tfqreg.deploy.convert.to_tflite`): the checks then compare with the
+            simulated model ``tfqreg.ptq.quantize(model, 4, activation_bits=8,
+            per_channel="conv")``. TFLite Micro has no INT2 kernels: ``2`` is refused.
 
     Returns:
         A :class:`MicroResult` (also written as ``<name>_micro.json``).
@@ -408,8 +415,13 @@ def to_micro(
     _check_args(name, arena_margin, io_dtype)
     res = to_tflite(model, mode="int8", representative_data=representative_data,
                     io_dtype=io_dtype, batch_size=1, check=check, sample=sample,
-                    min_agreement=min_agreement)
+                    min_agreement=min_agreement, weight_bits=weight_bits, runtime="micro")
     flat = res.flatbuffer
+    reference = model
+    if weight_bits not in (None, 8):
+        calibration = to_samples(representative_data, input_specs(model),
+                                 "representative_data", CALIBRATION_SAMPLES)[0]
+        reference = simulated_reference(model, weight_bits, "micro", True, calibration)
     methods = resolver_methods(flat)
     specs = input_specs(model)
     if sample is not None:
@@ -426,7 +438,7 @@ def to_micro(
                   "identical_fraction": same, "max_abs_diff": diff,
                   "xnnpack_identical_fraction": same_xnn, "xnnpack_max_abs_diff": diff_xnn}
     # TFLite Micro vs Keras, the same criterion as the LiteRT check
-    micro_parity = measure_parity(model, _MicroRunner(flat), xs, "int8", 0.0, min_agreement)
+    micro_parity = measure_parity(reference, _MicroRunner(flat), xs, "int8", 0.0, min_agreement)
     res.report.extra["micro_parity"] = micro_parity.to_text()
     if check and not micro_parity.passed:
         raise ParityError(f"TFLite Micro output does not match Keras: {micro_parity.to_text()}",

@@ -179,7 +179,9 @@ def measure_parity(model: Any, runner: Runner, xs: List[np.ndarray], mode: str, 
             ``.backend``) holding the converted model.
         xs: the inputs, one array per model input.
         mode: ``"float"`` passes on max |diff| <= ``atol``; any other mode on top-1 agreement
-            >= ``min_agreement`` (outputs without a class axis always pass, numbers reported).
+            >= ``min_agreement``, where an output that ties Keras' class with another class
+            counts as agreeing (a quantized softmax has 1/256 resolution; the strict agreement
+            is reported too); outputs without a class axis always pass, numbers reported.
         atol: see ``mode``.
         min_agreement: see ``mode``.
         reference: what the report calls the Keras side.
@@ -205,8 +207,10 @@ def measure_parity(model: Any, runner: Runner, xs: List[np.ndarray], mode: str, 
         criterion = f"max|diff| <= {atol:g}"
         passed = max_diff <= atol
     elif agreement is not None:
-        criterion = f"top-1 agreement >= {min_agreement:.2%}"
-        passed = agreement >= min_agreement
+        # Decided counting ties: a quantized softmax that ties Keras' class with another one
+        # computed the same answer at its resolution; the strict figure stays in the report.
+        criterion = f"top-1 agreement (a tie with Keras' class counts) >= {min_agreement:.2%}"
+        passed = ties >= min_agreement
     else:
         criterion = "no class axis: numbers reported, no threshold"
         passed = True
