@@ -17,9 +17,13 @@ TFMOT ``QuantizeWrapper``'s weight quantizers (``num_bits`` or tfqreg's ``bits``
 default is 8); else 32. TFMOT's range trackers (``*_min``, ``*_max``, ``optimizer_step``) are
 weights of the Keras model and are listed at 32 bits.
 
+Two entry points, as in Keras: :func:`summary` prints the table and returns ``None`` (like
+``model.summary()``; do not wrap it in ``print``), :func:`summarize` returns the data
+(a :class:`ModelSummary`) without printing.
+
 >>> import tfqreg
 >>> from tfqreg import models
->>> s = tfqreg.summary(models.tiny_cnn(), print_fn=None)
+>>> s = tfqreg.summarize(models.tiny_cnn())
 >>> s.total_params, s.float32_bytes
 (1418, 5672)
 """
@@ -36,7 +40,7 @@ import numpy as np
 
 from tfqreg._keras import check_keras2, keras
 
-__all__ = ["WeightSummary", "LayerSummary", "ModelSummary", "summary"]
+__all__ = ["WeightSummary", "LayerSummary", "ModelSummary", "summarize", "summary"]
 
 
 @dataclass
@@ -196,18 +200,33 @@ def _leaf_layers(model):
             yield layer
 
 
-def summary(model, representative_data=None, print_fn: Optional[Callable[[str], Any]] = print
-            ) -> ModelSummary:
-    """Per-layer weight bits and memory and the model's sizes (see the module docstring).
+def summary(model, representative_data=None,
+            print_fn: Callable[[str], Any] = print) -> None:
+    """Print the per-layer weight bits and memory and the model's sizes; returns ``None``
+    (like Keras' ``model.summary()``). :func:`summarize` returns the same as data.
 
     Args:
         model: a built ``tf_keras`` model (nested models are expanded).
         representative_data: calibration inputs; when given, the model is converted to int8
             TFLite to measure the file and its gzip size.
-        print_fn: where the table goes (``None``: nothing printed).
+        print_fn: where the table goes (a callable taking one string).
+    """
+    if not callable(print_fn):
+        raise TypeError(f"`print_fn` must be callable, got {print_fn!r}; use "
+                        "tfqreg.summarize(model) for the data without printing.")
+    print_fn(summarize(model, representative_data).to_text())
+
+
+def summarize(model, representative_data=None) -> ModelSummary:
+    """The data behind :func:`summary`: a :class:`ModelSummary` (see the module docstring).
+
+    Args:
+        model: a built ``tf_keras`` model (nested models are expanded).
+        representative_data: calibration inputs; when given, the model is converted to int8
+            TFLite to measure the file and its gzip size.
 
     Returns:
-        A :class:`ModelSummary`.
+        A :class:`ModelSummary` (prints as the table, saves as JSON).
     """
     check_keras2(model, "model", keras.Model)
     if not model.built:
@@ -232,6 +251,4 @@ def summary(model, representative_data=None, print_fn: Optional[Callable[[str], 
         except Exception as e:  # a summary should print even if the model does not convert
             s.notes.append(f"int8 TFLite conversion failed: {type(e).__name__}: "
                            f"{str(e).splitlines()[0][:300]}")
-    if print_fn is not None:
-        print_fn(s.to_text())
     return s
