@@ -319,3 +319,59 @@ def test_8bit_ptq_agrees_with_tflite_int8(trained, data_dir, tfds_dir):
           f"fp32 {result.float_accuracy:.4f}")
     assert abs(result.accuracy(8, 8) - lite) < 0.005, (result.accuracy(8, 8), lite)
     assert abs(result.float_accuracy - lite) < 0.01
+
+
+# ----------------------------------------------------------------------------- no silent wrong
+def test_labels_follow_keras_rule_and_out_of_range_is_refused(trained, fashion_small):
+    (x, _), (xt, yt) = fashion_small
+    xt, yt = xt[:500], yt[:500]
+    flat = ptq.sweep(trained, (xt, yt), weight_bits=(8,), progress=False)
+    column = ptq.sweep(trained, (xt, yt[:, None]), weight_bits=(8,), progress=False)
+    onehot = ptq.sweep(trained, (xt, np.eye(10)[yt]), weight_bits=(8,), progress=False)
+    keras_acc = np.mean(trained.predict(xt, verbose=0).argmax(-1) == yt)
+    assert column.rows == flat.rows == onehot.rows
+    assert flat.float_accuracy == pytest.approx(keras_acc, abs=1e-6)
+    for bad in (np.where(yt == 0, 10, yt), np.where(yt == 0, -1, yt)):
+        with pytest.raises(ValueError, match=r"class indices in \[0, 10\)"):
+            ptq.sweep(trained, (xt, bad), weight_bits=(8,), progress=False)
+    with pytest.raises(ValueError, match="whole numbers"):
+        ptq.sweep(trained, (xt, yt + 0.5), weight_bits=(8,), progress=False)
+
+
+def test_calibration_data_is_checked_like_to_tflite(trained, fashion_small):
+    (x, _), _ = fashion_small
+    calib = x[:512].copy()
+    calib[3, 5, 5, 0] = np.nan
+    with pytest.raises(ValueError, match=r"non-finite.*example\(s\) \[3\]"):
+        ptq.quantize(trained, 8, activation_bits=8, calibration_data=calib)
+    calib[3, 5, 5, 0] = np.inf
+    with pytest.raises(ValueError, match="non-finite"):
+        ptq.quantize(trained, 8, activation_bits=8, calibration_data=calib)
+    with pytest.raises(TypeError, match="x / 255"):
+        ptq.quantize(trained, 8, activation_bits=8,
+                     calibration_data=(x[:64] * 255).astype(np.uint8))
+
+
+def test_cli_sweep_errors_are_one_line_before_any_work(trained, tmp_path, capsys):
+    from tfqreg import cli
+
+    path = str(tmp_path / "m.keras")
+    trained.save(path)
+    existing = tmp_path / "r.json"
+    existing.write_text("{}")
+    (tmp_path / "bad.keras").write_bytes(b"not a model")
+    cases = [
+        ([str(tmp_path / "missing.keras")], "does not exist"),
+        ([str(tmp_path / "bad.keras")], "could not load a Keras model"),
+        ([path, "--bits", "1"], "--bits 1"),
+        ([path, "--limit", "0"], "--limit 0"),
+        ([path, "--limit", "-5"], "--limit -5"),
+        ([path, "--json", str(tmp_path)], "is a folder"),
+        ([path, "--json", str(tmp_path / "no" / "r.json")], "does not exist"),
+        ([path, "--json", str(existing)], "--overwrite"),
+    ]
+    for argv, message in cases:
+        assert cli.main(["sweep"] + argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tfqreg sweep: error:") and message in err, (argv, err)
+        assert "\n" not in err and "Traceback" not in err

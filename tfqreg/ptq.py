@@ -148,6 +148,44 @@ def _check_x(x, model, name: str):
                          f"{expected} (None = any).")
 
 
+def _check_values(x: np.ndarray, name: str) -> np.ndarray:
+    """Float inputs, all finite (as ``to_tflite`` checks its representative data): a NaN in
+    the calibration set widens nothing and poisons every range after it."""
+    if x.dtype.kind not in "f":
+        raise TypeError(
+            f"`{name}` has dtype {x.dtype}, but the model takes float inputs: scale integer "
+            "images to floats the way the model was trained (e.g. x / 255).")
+    x = x.astype(np.float32, copy=False)
+    bad = ~np.isfinite(x)
+    if bad.any():
+        where = np.argwhere(bad.reshape(len(x), -1).any(-1)).ravel()
+        raise ValueError(f"`{name}` holds {int(bad.sum())} non-finite value(s) (NaN or inf), in "
+                         f"example(s) {where[:5].tolist()}{'...' if len(where) > 5 else ''}.")
+    return x
+
+
+def _labels(y: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Class indices from sparse or one-hot labels, by Keras' rule: labels with one axis fewer
+    than the outputs, or a last axis of 1, are sparse; labels shaped like the outputs are one-hot.
+    Out-of-range or non-integer sparse labels are an error, never a wrapped index."""
+    classes = out.shape[-1]
+    sparse = y.ndim == out.ndim - 1 or (y.ndim == out.ndim and y.shape[-1] == 1 and classes > 1)
+    if not sparse:
+        if y.shape != out.shape:
+            raise ValueError(f"`data` labels have shape {y.shape[1:]} per example; the model "
+                             f"outputs {out.shape[1:]}: give class indices (N,) / (N, 1) or "
+                             "one-hot labels shaped like the outputs.")
+        return y.argmax(-1).reshape(-1).astype(np.int64)
+    y = y.reshape(-1)
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise ValueError("`data` labels are not whole numbers (class indices expected).")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or y.max() >= classes):
+        raise ValueError(f"`data` labels must be class indices in [0, {classes}); got values "
+                         f"from {int(y.min())} to {int(y.max())}.")
+    return y
+
+
 def _batches(data, model, name: str, with_labels: bool, batch_size: int = _BATCH):
     """Yield ``x`` or ``(x, y)`` batches from NumPy ``x`` / ``(x, y)`` or a ``tf.data`` set."""
     if isinstance(data, tf.data.Dataset):
@@ -160,6 +198,8 @@ def _batches(data, model, name: str, with_labels: bool, batch_size: int = _BATCH
                 x = element[0] if isinstance(element, (tuple, list)) else element
             if i == 0:
                 _check_x(x, model, name)
+            if name == "calibration_data":
+                _check_values(np.asarray(x), name)
             yield (x, y) if with_labels else x
         return
     if isinstance(data, (tuple, list)):
@@ -178,7 +218,7 @@ def _batches(data, model, name: str, with_labels: bool, batch_size: int = _BATCH
     _check_x(x, model, name)
     if len(x) == 0:
         raise ValueError(f"`{name}` is empty.")
-    x = x.astype(np.float32, copy=False)
+    x = _check_values(x, name)
     for start in range(0, len(x), batch_size):
         sl = slice(start, start + batch_size)
         yield (x[sl], y[sl]) if with_labels else x[sl]
@@ -656,10 +696,7 @@ def _evaluate(ptq: _PTQModel, data, probabilities: Optional[bool]):
     correct, total, loss_sum = 0, 0, 0.0
     for x, y in _batches(data, ptq.model, "data", with_labels=True):
         out = ptq.predict(x).numpy()
-        y = np.asarray(y)
-        if y.ndim == out.ndim and y.ndim > 1:  # one-hot labels
-            y = y.argmax(-1)
-        y = y.reshape(-1).astype(np.int64)
+        y = _labels(np.asarray(y), out)
         out = out.reshape(len(y), -1)
         if probabilities is None:
             probabilities = bool(out.min() >= 0 and np.allclose(out.sum(-1), 1.0, atol=1e-3))
@@ -767,6 +804,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--json", default=None, help="write the result as JSON")
     parser.add_argument("--csv", default=None, help="write the result as CSV")
     parser.add_argument("--plot", default=None, help="write an accuracy-vs-bits plot (PNG)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --json / --csv / --plot files")
 
 
 def _load_model(path: str) -> keras.Model:
@@ -777,17 +816,63 @@ def _load_model(path: str) -> keras.Model:
         return keras.models.load_model(path, compile=False)
 
 
+def _check_cli(args) -> None:
+    """Everything ``tfqreg sweep`` can check before loading and evaluating: raises ValueError
+    with a one-line message naming the option."""
+    import os
+
+    if not os.path.exists(args.model):
+        raise ValueError(f"MODEL {args.model!r} does not exist (a .keras / .h5 file or a "
+                         "SavedModel folder).")
+    if args.model.endswith(".tflite"):
+        raise ValueError(f"MODEL {args.model!r} is a .tflite file; sweep takes the Keras model "
+                         "(.keras, .h5 or SavedModel) it came from.")
+    for b in args.bits:
+        if not 2 <= b <= 16:
+            raise ValueError(f"--bits {b}: each weight width must be in 2..16.")
+    if args.activation_bits is not None and not 2 <= args.activation_bits <= 16:
+        raise ValueError(f"--activation-bits {args.activation_bits}: must be in 2..16.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit {args.limit}: must be at least 1 (omit it for all images).")
+    if args.calibration_samples < 1:
+        raise ValueError(f"--calibration-samples {args.calibration_samples}: must be >= 1.")
+    for flag, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if not path:
+            continue
+        parent = os.path.dirname(os.path.abspath(path))
+        if os.path.isdir(path):
+            raise ValueError(f"{flag} {path!r} is a folder; give a file name.")
+        if not os.path.isdir(parent):
+            raise ValueError(f"{flag} {path!r}: the folder {parent!r} does not exist.")
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"{flag} {path!r}: the folder {parent!r} is not writable.")
+        if os.path.exists(path) and not args.overwrite:
+            raise ValueError(f"{flag} {path!r} exists; pass --overwrite to replace it.")
+
+
 def run_cli(args) -> int:
-    """Run ``tfqreg sweep``; prints the table, returns 0."""
+    """Run ``tfqreg sweep``: print the table and return 0; on bad input print one line to
+    stderr and return 2 (checked before any work starts)."""
+    import sys
+
     from tfqreg import datasets
 
-    model = _load_model(args.model)
-    (x, _), (xt, yt) = datasets.load_numpy(args.data, args.data_dir, args.tfds_dir)
-    if args.limit:
-        xt, yt = xt[: args.limit], yt[: args.limit]
-    result = sweep(model, (xt, yt), weight_bits=tuple(args.bits),
-                   activation_bits=args.activation_bits, per_channel=not args.per_tensor,
-                   calibration_data=x[: args.calibration_samples])
+    try:
+        _check_cli(args)
+        try:
+            model = _load_model(args.model)
+        except Exception as e:
+            raise ValueError(f"could not load a Keras model from {args.model!r}: "
+                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        (x, _), (xt, yt) = datasets.load_numpy(args.data, args.data_dir, args.tfds_dir)
+        if args.limit:
+            xt, yt = xt[: args.limit], yt[: args.limit]
+        result = sweep(model, (xt, yt), weight_bits=tuple(args.bits),
+                       activation_bits=args.activation_bits, per_channel=not args.per_tensor,
+                       calibration_data=x[: args.calibration_samples])
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"tfqreg sweep: error: {e}", file=sys.stderr)
+        return 2
     print(result)
     for path, write in ((args.json, result.to_json), (args.csv, result.to_csv),
                         (args.plot, result.plot)):
