@@ -650,3 +650,43 @@ def test_mixed_precision_and_bias_state():
         assert np.isfinite(history.history["loss"][0])
     finally:
         keras.mixed_precision.set_global_policy("float32")
+
+
+# ----------------------------------------------------------------------------- no silent wrong
+ALL_REGS = [lambda: R.Foothill(), lambda: R.LInf(), lambda: R.Margin(margin=0.5),
+            lambda: R.SoftMinMax(hardness=5.0), lambda: R.MSQE(), lambda: R.PartialL2(),
+            lambda: R.MSQE(step=0.1), lambda: R.MSQE(per_channel=True)]
+
+
+@pytest.mark.parametrize("make", ALL_REGS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_weight_gives_a_nan_penalty(make, bad):
+    w = np.array([[0.5, 0.2], [0.1, -0.3]], np.float32)
+    w[0, 1] = bad
+    assert np.isnan(float(make()(tf.constant(w))))
+
+
+@pytest.mark.parametrize("make", ALL_REGS)
+def test_empty_tensor_gives_zero(make):
+    assert float(make()(tf.zeros((0, 3)))) == 0.0
+
+
+@pytest.mark.parametrize("ctor,arg", [(lambda: R.Foothill(l=1e308), "l"),
+                                      (lambda: R.LInf(1e308), "l"),
+                                      (lambda: R.SoftMinMax(hardness=1e308), "hardness"),
+                                      (lambda: R.Foothill(alpha=1e7), "alpha"),
+                                      (lambda: R.Margin(power=100), "power")])
+def test_huge_constructor_values_are_refused(ctor, arg):
+    with pytest.raises(ValueError, match=f"`{arg}` must be at most"):
+        ctor()
+
+
+@pytest.mark.parametrize("make", [lambda: R.Foothill(l=1e6, alpha=1e6), lambda: R.LInf(1e6),
+                                  lambda: R.SoftMinMax(1e6, eta=1e6, hardness=1e6),
+                                  lambda: R.Margin(1e6, margin_weight=1e6, margin=0.1)])
+def test_largest_accepted_values_keep_gradients_finite(make):
+    v = tf.Variable([[0.5, -0.2, 3.0], [1e3, -1e-3, 0.0]])
+    with tf.GradientTape() as tape:
+        y = make()(v)
+    g = tape.gradient(y, v)
+    assert np.isfinite(float(y)) and np.isfinite(g.numpy()).all()

@@ -120,11 +120,15 @@ _log = logging.getLogger(__name__)
 # Argument checks (one helper for the module)
 # --------------------------------------------------------------------------------------------
 
-def _check_arg(name: str, value, kind: str = "positive", optional: bool = False):
+def _check_arg(name: str, value, kind: str = "positive", optional: bool = False,
+               high: Optional[float] = None):
     """Validate one constructor argument and return it as a plain Python value.
 
     kinds: ``positive`` (finite real > 0), ``nonnegative`` (finite real ≥ 0), ``power`` (finite
     real ≥ 1), ``fraction`` (real in the open interval (0, 1)), ``bool``, ``bits`` (int 1..16).
+    ``high`` bounds the value from above (strengths and multipliers at :data:`_MAX_ARG`,
+    powers at 16): larger ones overflow float32 gradients (``LInf(1e308)`` has gradient
+    ``inf``), which would break the promise of finite values and gradients for finite weights.
     Raises ``TypeError``/``ValueError`` naming ``name``.
     """
     if value is None and optional:
@@ -148,7 +152,14 @@ def _check_arg(name: str, value, kind: str = "positive", optional: bool = False)
         raise ValueError(f"`{name}` must be >= 1, got {value}.")
     if kind == "fraction" and not 0 < value < 1:
         raise ValueError(f"`{name}` must be in the open interval (0, 1), got {value}.")
+    high = 16.0 if kind == "power" else high
+    if high is not None and value > high:
+        raise ValueError(f"`{name}` must be at most {high:g}, got {value:g} (larger values "
+                         "overflow float32 gradients).")
     return value
+
+
+_MAX_ARG = 1e6
 
 
 # --------------------------------------------------------------------------------------------
@@ -458,7 +469,7 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
     _needs_layer_info = False
 
     def __init__(self, l):
-        self.l = _check_arg("l", l)
+        self.l = _check_arg("l", l, high=_MAX_ARG)
         self._attachments = []
         self._warned_detached = False
 
@@ -478,7 +489,13 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
             state, axes = record.state, record.channel_axes
             if getattr(self, "fold_batchnorm", False):
                 w = record.folded(w)
-        return _saturate(self.l * self._penalty(w, state, axes))
+        if w.shape.num_elements() == 0:
+            return tf.zeros([], w.dtype)  # nothing to regularize
+        value = _saturate(self.l * self._penalty(w, state, axes))
+        # A NaN or inf weight gives a NaN penalty (as Keras' L1/L2 do), so that training
+        # visibly diverges instead of a max, a sort or a rounding hiding it.
+        finite = tf.reduce_all(tf.math.is_finite(w))
+        return tf.where(finite, value, tf.constant(float("nan"), value.dtype))
 
     def get_config(self) -> dict:
         return {"l": self.l}
@@ -576,7 +593,7 @@ class Foothill(_TensorRegularizer):
 
     def __init__(self, l=1e-4, alpha=1.0, beta=2.0, center=0.0):
         super().__init__(l)
-        self.alpha = _check_arg("alpha", alpha)
+        self.alpha = _check_arg("alpha", alpha, high=_MAX_ARG)
         self.beta = _check_arg("beta", beta)
         self.center = _check_arg("center", center, "nonnegative")
 
@@ -627,7 +644,7 @@ class Margin(_TensorRegularizer):
         super().__init__(l)
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.power = _check_arg("power", power, "power")
-        self.margin_weight = _check_arg("margin_weight", margin_weight)
+        self.margin_weight = _check_arg("margin_weight", margin_weight, high=_MAX_ARG)
         self.margin = _check_arg("margin", margin, optional=True)
 
     def _initial_state(self, w, channel_axes):
@@ -670,8 +687,8 @@ class SoftMinMax(_TensorRegularizer):
     def __init__(self, l=0.05, eta=1.0, hardness=None, fold_batchnorm=True):
         super().__init__(l)
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
-        self.eta = _check_arg("eta", eta)
-        self.hardness = _check_arg("hardness", hardness, optional=True)
+        self.eta = _check_arg("eta", eta, high=_MAX_ARG)
+        self.hardness = _check_arg("hardness", hardness, optional=True, high=_MAX_ARG)
 
     def _initial_state(self, w, channel_axes):
         if self.hardness is not None:
