@@ -2,6 +2,7 @@
 format, bad input."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -86,3 +87,69 @@ def test_bad_threshold_is_named(files, tmp_path, capsys):
     code, stdout, stderr = _main([files / "tiny.keras", "--target", "int8", "--out", tmp_path,
                                   "--data", files / "x.npy", "--min-agreement", "1.01"], capsys)
     assert code == 2 and "min_agreement" in stderr
+
+
+@pytest.mark.parametrize("args, produced, types", [
+    (["--target", "int8", "--weight-bits", "4"], ["tiny.tflite"],
+     {"CONV_2D": "int4", "FULLY_CONNECTED": "int4"}),
+    (["--target", "int8", "--weight-bits", "2"], ["tiny.tflite"],
+     {"CONV_2D": "int4", "FULLY_CONNECTED": "int2"}),
+    (["--target", "micro", "--weight-bits", "4"],
+     ["tiny.tflite", "tiny_model_data.cc", "tiny_model_data.h"],
+     {"CONV_2D": "int4", "FULLY_CONNECTED": "int4"}),
+    (["--target", "tflite", "--mode", "dynamic", "--weight-bits", "4"], ["tiny.tflite"],
+     {"CONV_2D": "int4", "FULLY_CONNECTED": "int4"}),
+])
+def test_low_bit_targets_write_packed_weights(files, tmp_path, capsys, args, produced, types):
+    from tfqreg.deploy import lowbit
+
+    out = tmp_path / "lowbit"
+    code, stdout, stderr = _main([files / "tiny.keras", "--out", out, "--data", files / "x.npy",
+                                  "--min-agreement", "0"] + args, capsys)
+    assert code == 0, stderr
+    for name in produced:
+        assert (out / name).is_file(), name
+    report = lowbit.weight_report(str(out / "tiny.tflite"))
+    assert {t.op: t.dtype for t in report.tensors} == types
+    assert "simulated model" in stdout and "weights:" in stdout  # note + weight table
+    fc = next(t for t in report.tensors if t.op == "FULLY_CONNECTED")
+    if "micro" in args:  # TFLite Micro's INT4 FULLY_CONNECTED: one scale per tensor
+        assert len(fc.scales) == 1 and "arena" in stdout
+    if "dynamic" in args:  # float activations: the packed weights go through DEQUANTIZE
+        assert "DEQUANTIZE" in stdout and report.tensors[0].dtype == "int4"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--target", "edgetpu", "--weight-bits", "4"], "edgetpu runs int8 only: the Edge TPU"),
+    (["--target", "edgetpu", "--weight-bits", "2"], "int8 only"),
+    (["--target", "lce", "--weight-bits", "4"], "lce runs int8 and binary"),
+    (["--target", "micro", "--weight-bits", "2"], "no INT2 kernels"),
+    (["--target", "int8", "--weight-bits", "2", "--runtime", "micro"], "no INT2 kernels"),
+    (["--target", "micro", "--weight-bits", "4", "--runtime", "litert"], "contradicts"),
+    (["--target", "tflite", "--weight-bits", "4"], "needs --mode dynamic"),
+    (["--target", "tflite", "--mode", "dynamic", "--weight-bits", "4", "--runtime", "micro"],
+     "DEQUANTIZE has no INT4"),
+    (["--target", "int8", "--runtime", "micro"], "is for --weight-bits 4|2"),
+    (["--target", "int8", "--weight-bits", "4", "--io-dtype", "uint8"], "--io-dtype uint8"),
+    (["--target", "micro", "--weight-bits", "4", "--io-dtype", "float32"], "--io-dtype float32"),
+    (["--target", "int8", "--min-agreement", "2"], "min_agreement"),
+    (["--target", "int8", "--samples", "0"], "--samples"),
+    (["--target", "int8", "--data", "cifar10"], "--data must be"),
+])
+def test_refusals_come_before_any_work(tmp_path, capsys, args, message):
+    """Refused combinations are one line and exit code 2, before the model is loaded (it does
+    not exist here) or the output folder is made."""
+    out = tmp_path / "never"
+    code, stdout, stderr = _main([tmp_path / "nope.keras", "--out", out] + args, capsys)
+    assert code == 2, stderr
+    assert stderr.startswith("tfqreg export: error: ") and "Traceback" not in stderr + stdout
+    assert len(stderr.strip().splitlines()) == 1
+    assert re.search(message, stderr), stderr
+    assert "does not exist" not in stderr and not out.exists()
+
+
+def test_weight_bits_outside_8_4_2_is_an_argparse_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _main([tmp_path / "nope.keras", "--out", tmp_path, "--target", "int8",
+               "--weight-bits", "3"], capsys)
+    assert e.value.code == 2

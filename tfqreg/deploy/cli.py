@@ -1,9 +1,35 @@
-"""``tfqreg export MODEL --target tflite|int8|edgetpu|micro|lce --out DIR``.
+"""``tfqreg export MODEL --target tflite|int8|edgetpu|micro|lce [--weight-bits 8|4|2]
+[--runtime litert|micro] --out DIR``.
 
-The top of :mod:`tfqreg.deploy`: it loads the model (:func:`~tfqreg.deploy.convert.load_model`),
+The top of :mod:`tfqreg.deploy`: it checks the arguments (:func:`check_cli_arguments`, before
+anything is loaded or written), loads the model (:func:`~tfqreg.deploy.convert.load_model`),
 reads calibration/check data, calls the converter for the target and, for ``edgetpu``, the
 pre-flight check, and prints the reports. :mod:`tfqreg.cli` wires :func:`add_arguments` and
 :func:`run_cli` in as the ``export`` subcommand.
+
+``--weight-bits 4`` / ``2`` writes packed INT4 / INT2 weights on the grid
+:func:`tfqreg.ptq.quantize` simulates (:func:`~tfqreg.deploy.convert.to_tflite` with
+``weight_bits``; the parity check compares with the simulated model):
+
+=============================================  ==============================================
+command                                        file
+=============================================  ==============================================
+``--target int8 --weight-bits 4``               INT4 weights, int8 activations, LiteRT
+``--target int8 --weight-bits 2``               INT2 FULLY_CONNECTED, INT4 convolutions holding
+                                                the 2-bit grid, int8 activations, LiteRT
+``--target int8 --weight-bits 4 --runtime       INT4 (Dense per tensor), checked in TFLite
+micro``                                         Micro; no C source
+``--target micro --weight-bits 4``              the same + C source and measured arena
+                                                (:func:`~tfqreg.deploy.micro.to_micro`)
+``--target tflite --mode dynamic               packed INT4 / INT2 weights, float activations
+--weight-bits 4|2``                             (DEQUANTIZE ops), LiteRT
+=============================================  ==============================================
+
+Refused (one line ``tfqreg export: error: ...``, exit code 2): ``--weight-bits 4|2`` with
+``--target edgetpu`` (the Edge TPU runs int8 only) or ``--target lce``; ``--weight-bits 2`` on
+TFLite Micro (no INT2 kernels); float activations on TFLite Micro; ``--target tflite --mode
+float`` with fewer than 8 bits; ``--target micro --runtime litert``; ``--runtime`` with 8-bit
+weights on a target that does not run there.
 """
 
 from __future__ import annotations
@@ -15,15 +41,18 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-from tfqreg.deploy.convert import IO_DTYPES, ConversionError, ParityError, load_model, to_lce, \
-    to_tflite
+from tfqreg.deploy.convert import IO_DTYPES, ConversionError, ParityError, check_arguments, \
+    load_model, to_lce, to_tflite
 from tfqreg.deploy.edgetpu import check_edgetpu
 from tfqreg.deploy.micro import to_micro
 from tfqreg.deploy.samples import CALIBRATION_SAMPLES, CHECK_SAMPLES
 
-__all__ = ["TARGETS", "add_arguments", "run_cli"]
+__all__ = ["TARGETS", "WEIGHT_BITS", "RUNTIMES", "add_arguments", "check_cli_arguments",
+           "run_cli"]
 
 TARGETS = ("tflite", "int8", "edgetpu", "micro", "lce")
+WEIGHT_BITS = (8, 4, 2)
+RUNTIMES = ("litert", "micro")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -37,6 +66,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", default=None, help="base name of the files (default: MODEL's)")
     parser.add_argument("--mode", choices=("float", "dynamic"), default="float",
                         help="for --target tflite")
+    parser.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8,
+                        help="8: the TF converter's int8 weights; 4 / 2: packed INT4 / INT2 "
+                             "weights on tfqreg's grid (2: INT2 FULLY_CONNECTED, INT4 "
+                             "convolutions; LiteRT only), checked against the simulated model "
+                             "(targets int8, micro, and tflite with --mode dynamic)")
+    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
+                        help="runtime of a --weight-bits 4|2 file: decides what is refused and "
+                             "where the check runs (default: micro for --target micro, "
+                             "otherwise litert)")
     parser.add_argument("--io-dtype", choices=IO_DTYPES, default=None,
                         help="int8 targets: input/output type (default int8)")
     parser.add_argument("--batch-size", type=int, default=1, help="static batch size (0: dynamic)")
@@ -56,13 +94,85 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="micro: bytes added to the measured arena (plus 10%%)")
 
 
+def check_cli_arguments(args: argparse.Namespace) -> str:
+    """Check the arguments of ``tfqreg export`` before anything is loaded or written.
+
+    Returns:
+        The runtime the file is made for (``"litert"`` or ``"micro"``).
+
+    Raises:
+        ValueError: naming the argument and, for a refused combination, why.
+        FileNotFoundError: ``--data`` names a ``.npy`` file that does not exist.
+    """
+    bits, target, mode = args.weight_bits, args.target, args.mode
+    if bits not in WEIGHT_BITS:
+        raise ValueError(f"--weight-bits must be one of {WEIGHT_BITS}, got {bits!r}.")
+    if target == "edgetpu" and bits != 8:
+        raise ValueError(
+            f"--target edgetpu runs int8 only: the Edge TPU has no INT4/INT2 kernels, so "
+            f"--weight-bits {bits} cannot run on it (use --weight-bits 8; for 4-bit weights use "
+            "--target int8 (LiteRT) or --target micro (TFLite Micro)).")
+    if target == "lce" and bits != 8:
+        raise ValueError(
+            f"--target lce runs int8 and binary (1-bit) kernels only: Larq Compute Engine "
+            f"writes no INT4/INT2 weights, so --weight-bits {bits} is refused (use --target "
+            "int8, micro, or tflite --mode dynamic).")
+    own = "micro" if target == "micro" else "litert"
+    runtime = args.runtime or own
+    if target in ("edgetpu", "lce") and runtime != "litert":
+        raise ValueError(f"--runtime {runtime} does not apply to --target {target}.")
+    if target == "micro" and runtime != "micro":
+        raise ValueError("--target micro makes a TFLite Micro model, --runtime litert "
+                         "contradicts it (use --target int8 for LiteRT).")
+    if bits == 8 and runtime != own:
+        raise ValueError(f"--runtime {runtime} is for --weight-bits 4|2; an 8-bit model for "
+                         "TFLite Micro is --target micro.")
+    io = args.io_dtype
+    if bits != 8:
+        if target == "tflite" and mode != "dynamic":
+            raise ValueError(
+                f"--weight-bits {bits} with --target tflite needs --mode dynamic (packed "
+                "weights, float activations, LiteRT); --target int8 gives int8 activations.")
+        if runtime == "micro" and bits == 2:
+            raise ValueError("--weight-bits 2 cannot run on TFLite Micro: it has no INT2 "
+                             "kernels (use --weight-bits 4, or --runtime litert for INT2 "
+                             "FULLY_CONNECTED weights).")
+        if runtime == "micro" and target == "tflite":
+            raise ValueError("--mode dynamic cannot run low-bit weights on TFLite Micro: its "
+                             "DEQUANTIZE has no INT4/INT2 (use --target micro, or --target "
+                             "int8 --runtime micro).")
+        allowed = {"tflite": ("float32",), "micro": ("int8",)}.get(target, ("int8", "float32"))
+        if io is not None and io not in allowed:
+            raise ValueError(f"--io-dtype {io} is not available with --weight-bits {bits} and "
+                             f"--target {target} (choose from {', '.join(allowed)}).")
+    elif target == "tflite" and io not in (None, "float32"):
+        raise ValueError(f"--io-dtype {io} needs an int8 target (int8, edgetpu, micro); "
+                         "--target tflite is float32 in and out.")
+    if args.batch_size < 0:
+        raise ValueError(f"--batch-size must be >= 0 (0: dynamic), got {args.batch_size}.")
+    for flag, value in (("--samples", args.samples), ("--check-samples", args.check_samples)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}.")
+    if args.arena_margin < 0:
+        raise ValueError(f"--arena-margin must be >= 0, got {args.arena_margin}.")
+    check_arguments(batch_size=args.batch_size or None, min_agreement=args.min_agreement)
+    if args.data.endswith(".npy"):
+        if not os.path.isfile(args.data):
+            raise FileNotFoundError(f"--data {args.data!r} does not exist.")
+    else:
+        from tfqreg.datasets import DATASETS
+
+        if args.data not in DATASETS:
+            raise ValueError(f"--data must be one of {', '.join(DATASETS)} or a .npy file, "
+                             f"got {args.data!r}.")
+    return runtime
+
+
 def _cli_data(args: argparse.Namespace,
               need: bool) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
     if not need:
         return None, None
-    if args.data.endswith(".npy"):
-        if not os.path.isfile(args.data):
-            raise FileNotFoundError(f"--data {args.data!r} does not exist.")
+    if args.data.endswith(".npy"):  # its existence was checked by check_cli_arguments
         x = np.load(args.data)
         return x[: args.samples], x[: args.check_samples]
     from tfqreg import datasets
@@ -71,25 +181,37 @@ def _cli_data(args: argparse.Namespace,
     return x[: args.samples], xt[: args.check_samples]
 
 
+def _weights_text(flatbuffer: bytes) -> str:
+    from tfqreg.deploy.lowbit import weight_report
+
+    return "\n" + weight_report(flatbuffer).to_text()
+
+
 def _export(args: argparse.Namespace) -> str:
+    runtime = check_cli_arguments(args)
     model = load_model(args.model)
     base = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
-    os.makedirs(args.out, exist_ok=True)
     batch = args.batch_size or None
     check = not args.no_check
     tflite_path = os.path.join(args.out, f"{base}.tflite")
     target = args.target
-    need_data = target in ("int8", "edgetpu", "micro") or check
+    lowbit = args.weight_bits != 8
+    bits = dict(weight_bits=args.weight_bits, runtime=runtime) if lowbit else {}
+    need_data = target in ("int8", "edgetpu", "micro") or check or lowbit
     rep, sample = _cli_data(args, need_data)
+    os.makedirs(args.out, exist_ok=True)
     if target == "tflite":
         res = to_tflite(model, mode=args.mode, batch_size=batch, check=check, sample=sample,
-                        path=tflite_path, min_agreement=args.min_agreement)
-        return res.report.to_text() + f"\nwrote {tflite_path}"
+                        path=tflite_path, min_agreement=args.min_agreement,
+                        representative_data=rep if lowbit else None, **bits)
+        return res.report.to_text() + (_weights_text(res.flatbuffer) if lowbit else "") + \
+            f"\nwrote {tflite_path}"
     if target in ("int8", "edgetpu"):
         res = to_tflite(model, mode="int8", representative_data=rep, io_dtype=args.io_dtype,
                         batch_size=batch, check=check, sample=sample, path=tflite_path,
-                        min_agreement=args.min_agreement)
-        text = res.report.to_text() + f"\nwrote {tflite_path}"
+                        min_agreement=args.min_agreement, **bits)
+        text = res.report.to_text() + (_weights_text(res.flatbuffer) if lowbit else "") + \
+            f"\nwrote {tflite_path}"
         if target == "edgetpu":
             tpu = check_edgetpu(res.flatbuffer, out_dir=args.out)
             rpath = os.path.join(args.out, f"{base}_edgetpu.json")
@@ -100,8 +222,9 @@ def _export(args: argparse.Namespace) -> str:
     if target == "micro":
         res = to_micro(model, rep, args.out, name=base, io_dtype=args.io_dtype or "int8",
                        check=check, sample=sample, arena_margin=(args.arena_margin, 0.10),
-                       min_agreement=args.min_agreement)
-        return res.to_text()
+                       min_agreement=args.min_agreement,
+                       weight_bits=args.weight_bits if lowbit else None)
+        return res.to_text() + (_weights_text(res.flatbuffer) if lowbit else "")
     res = to_lce(model, batch_size=batch, check=check, sample=sample, path=tflite_path,
                  min_agreement=args.min_agreement)
     return res.report.to_text() + f"\nwrote {tflite_path}"
