@@ -14,9 +14,11 @@ from tfqreg import cli, deploy
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(REPO, "tfqreg", "deploy")
 
-# Each module may import deploy modules of a lower layer only.
-LAYERS = {"tflite_file": 0, "runtime": 1, "report": 2, "samples": 3, "convert": 4,
-          "edgetpu": 4, "micro": 5, "cli": 6}
+# Each module may import deploy modules of a lower layer only. The low-bit writer works on
+# flatbuffers (float .tflite in, packed INT4/INT2 .tflite out) beside the shared samples, below
+# the converter that calls it.
+LAYERS = {"tflite_file": 0, "runtime": 1, "report": 2, "samples": 3, "lowbit": 3,
+          "convert": 4, "edgetpu": 4, "micro": 5, "cli": 6}
 
 
 def _imports(path):
@@ -74,6 +76,15 @@ def test_the_reader_needs_no_report_and_edgetpu_only_the_reader():
     assert _deploy_deps("edgetpu") == {"tflite_file"}
 
 
+def test_every_deploy_module_has_a_layer():
+    assert set(_modules()) == set(LAYERS)
+
+
+def test_the_low_bit_writer_needs_only_the_runtime():
+    # flatbuffer in, flatbuffer out: no Keras model, no report, no converter
+    assert _deploy_deps("lowbit") == {"runtime"}
+
+
 @pytest.mark.parametrize("path", [os.path.join(PKG, f) for f in sorted(os.listdir(PKG))
                                   if f.endswith(".py")]
                          + [os.path.join(REPO, "tfqreg", f"{m}.py")
@@ -110,8 +121,19 @@ def test_deploy_exports_what_it_lists():
         assert hasattr(deploy, name), name
     for name in ("to_tflite", "to_lce", "to_micro", "check_edgetpu", "read_tflite", "Runner",
                  "ExportResult", "ExportReport", "ParityReport", "ConversionError",
-                 "ParityError", "load_model", "TfliteGraph"):
+                 "ParityError", "load_model", "TfliteGraph", "quantize_tflite",
+                 "weight_report", "WeightReport", "WeightTensor", "SUPPORTED_BITS"):
         assert name in deploy.__all__
+
+
+def test_deploy_names_are_the_defining_modules_objects():
+    from tfqreg.deploy import lowbit
+
+    for name in ("SUPPORTED_BITS", "WEIGHT_OPS", "WeightPlan", "WeightTensor", "WeightReport",
+                 "quantize_tflite", "weight_report", "unpack_integers"):
+        assert name in deploy.__all__ and getattr(deploy, name) is getattr(lowbit, name), name
+    assert deploy.IO_DTYPES is deploy.convert.IO_DTYPES  # lowbit has its own (no uint8)
+    assert len(set(deploy.__all__)) == len(deploy.__all__)
 
 
 def test_cli_export_is_the_deploy_cli():
