@@ -28,6 +28,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
+from tfqreg import _checks
 from tfqreg._keras import tf
 
 __all__ = ["DATASETS", "FILES", "ENV_VAR", "find_files_dir", "local_files_dir", "load",
@@ -169,8 +170,7 @@ def load(
         train_take, test_take: keep only the first N examples (for quick runs).
     """
     _check_name(name)
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"`batch_size` must be a positive int, got {batch_size!r}.")
+    _checks.check_int("batch_size", batch_size, low=1)
     files = find_files_dir(name, files_dir)
     train, test = _tfds_load(name, files, data_dir)
     if train_take:

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 
 import larq as lq
 
-from tfqreg import foothill, grid
+from tfqreg import _checks, foothill, grid
 from tfqreg._keras import keras, register, tf
 
 __all__ = ["foothill_sign", "FoothillSign", "ALIASES"]
@@ -45,13 +45,7 @@ _LarqBase = getattr(lq.quantizers, "_BaseQuantizer", lq.quantizers.Quantizer)
 
 
 def _check_beta(beta) -> float:
-    try:
-        beta = float(beta)
-    except (TypeError, ValueError):
-        raise TypeError(f"`beta` must be a positive number, got {beta!r}.") from None
-    if not beta > 0 or beta == float("inf"):
-        raise ValueError(f"`beta` must be a positive finite number, got {beta}.")
-    return beta
+    return _checks.check_real("beta", beta, low=0.0, low_open=True)
 
 
 def foothill_sign(x, beta: float = 5.0) -> tf.Tensor:

@@ -82,7 +82,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfqreg import fold, grid
+from tfqreg import _checks, fold, grid
 from tfqreg._keras import check_keras2, keras, register, tf
 
 __all__ = [
@@ -108,12 +108,7 @@ _SUM_WARN_LAMBDA = 1e-3  # gradient-ℓ1 (sum) at or above this from step 0 tend
 def _check(cls_name: str, **kwargs):
     """Validate constructor arguments of the terms; raise ValueError/TypeError naming them."""
     def number(name, value):
-        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-            raise TypeError(f"{cls_name}: `{name}` must be a number, got {value!r}.")
-        value = float(value)
-        if not math.isfinite(value):
-            raise ValueError(f"{cls_name}: `{name}` must be finite, got {value}.")
-        return value
+        return _checks.check_real(name, value, owner=cls_name)
 
     out = {}
     for name, value in kwargs.items():
@@ -717,9 +712,9 @@ class LearnableMSQE(_Learnable):
         super().__init__(beta=beta, alpha_init=alpha_init, alpha_max=alpha_max, layers=layers,
                          name=name, _cls="LearnableMSQE", **kwargs)
         self.bits = _check("LearnableMSQE", bits=bits)["bits"]
-        self.per_channel = bool(per_channel)
-        self.narrow_range = bool(narrow_range)
-        self.learn_step = bool(learn_step)
+        self.per_channel = _checks.check_bool("per_channel", per_channel, "LearnableMSQE")
+        self.narrow_range = _checks.check_bool("narrow_range", narrow_range, "LearnableMSQE")
+        self.learn_step = _checks.check_bool("learn_step", learn_step, "LearnableMSQE")
         self._log_steps: List = []
 
     def get_config(self):

@@ -35,7 +35,7 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from tfqreg import fold, grid, training
+from tfqreg import _checks, fold, grid, training
 from tfqreg._keras import check_keras2, keras, register, tf
 from tfqreg.compression import pruning
 from tfqreg.compression.fileformat import (CompressedModel, coded_kernels,
@@ -221,8 +221,12 @@ class Compressor:
         self.bits = int(bits)
         self.prune_epochs = int(prune_epochs)
         self.quant_epochs = int(quant_epochs)
-        self.per_channel = bool(per_channel)
-        self.narrow_range = bool(narrow_range)
+        self.per_channel = _checks.check_bool("per_channel", per_channel, "Compressor")
+        self.narrow_range = _checks.check_bool("narrow_range", narrow_range, "Compressor")
+        if isinstance(layers, str):  # one layer name, not its characters
+            layers = [layers]
+        if layers is not None and not all(isinstance(n, str) for n in layers):
+            raise TypeError(f"Compressor: `layers` must be layer names (str), got {layers!r}.")
         self.layers = list(layers) if layers is not None else None
         self.learning_rate = float(learning_rate)
         self.quant_learning_rate = (float(quant_learning_rate) if quant_learning_rate
@@ -231,7 +235,7 @@ class Compressor:
         self.beta, self.alpha_max = float(beta), float(alpha_max)
         self.alpha_init = alpha_init if alpha_init == "auto" else float(alpha_init)
         self.loss = loss
-        self.metrics = list(metrics)
+        self.metrics = [metrics] if isinstance(metrics, str) else list(metrics)
         self.mode = mode
         self.grid_tol = grid_tol
         self.steps_per_epoch = steps_per_epoch
