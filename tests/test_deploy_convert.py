@@ -293,3 +293,21 @@ def test_lce_binarizes_foothill_sign_at_any_batch_size():
     res = deploy.to_lce(model, check=False, batch_size=None)
     assert res.report.extra["lce_bconv2d"] == 1 and res.report.extra["not_binarized"] == []
     assert "LceBconv2d" in res.report.ops
+
+
+@pytest.mark.parametrize("kwargs,err,arg", [
+    ({"calibration_samples": -250}, ValueError, "calibration_samples"),
+    ({"calibration_samples": "all"}, TypeError, "calibration_samples"),
+    ({"check": "no"}, TypeError, "check"),
+    ({"min_agreement": "x"}, TypeError, "min_agreement"),
+    ({"atol": "x"}, TypeError, "atol"),
+    ({"representative_data": "x"}, TypeError, "representative_data"),
+    ({"batch_size": True}, TypeError, "batch_size"),
+])
+def test_bad_argument_types_name_the_argument(kwargs, err, arg):
+    from tfqreg import models
+
+    x = np.zeros((8, 28, 28, 1), np.float32)
+    call = {"mode": "int8", "representative_data": x, **kwargs}
+    with pytest.raises(err, match=f"`{arg}`"):
+        deploy.to_tflite(models.tiny_cnn(), **call)

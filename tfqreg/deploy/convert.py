@@ -105,13 +105,17 @@ class ParityError(AssertionError):
 
 def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
                     batch_size: Optional[int] = 1, representative_data: Any = None,
-                    min_agreement: float = 0.99, atol: float = 1e-5) -> None:
+                    min_agreement: float = 0.99, atol: float = 1e-5, check: bool = True,
+                    allow_float_ops: bool = False,
+                    calibration_samples: Optional[int] = CALIBRATION_SAMPLES) -> None:
     """The one place export arguments are checked (``None`` for ``mode`` / ``io_dtype``: not
     checked).
 
     Raises:
-        ValueError: naming the argument.
+        TypeError / ValueError: naming the argument.
     """
+    from tfqreg import _checks
+
     if mode is not None and mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
     if io_dtype is not None and io_dtype not in IO_DTYPES:
@@ -122,16 +126,19 @@ def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
             "inputs (an array shaped like the model's input with a batch axis, a tf.data.Dataset "
             "or a generator) so the converter can calibrate the activation ranges."
         )
+    if isinstance(representative_data, (str, bytes)):
+        raise TypeError("`representative_data` must be an array, a list of arrays, a "
+                        f"tf.data.Dataset or a generator, got the string {representative_data!r}.")
     if mode is not None and mode != "int8" and io_dtype not in (None, "float32"):
         raise ValueError(f"`io_dtype`={io_dtype!r} needs mode='int8' (mode is {mode!r}).")
-    if batch_size is not None and (isinstance(batch_size, bool)
-                                   or not isinstance(batch_size, (int, np.integer))
-                                   or batch_size < 1):
-        raise ValueError(f"`batch_size` must be a positive integer or None, got {batch_size!r}.")
-    if not 0.0 <= float(min_agreement) <= 1.0:
-        raise ValueError(f"`min_agreement` must be in [0, 1], got {min_agreement!r}.")
-    if not float(atol) >= 0:
-        raise ValueError(f"`atol` must be >= 0, got {atol!r}.")
+    if batch_size is not None:
+        _checks.check_int("batch_size", batch_size, low=1)
+    _checks.check_real("min_agreement", min_agreement, low=0.0, high=1.0)
+    _checks.check_real("atol", atol, low=0.0)
+    _checks.check_bool("check", check)
+    _checks.check_bool("allow_float_ops", allow_float_ops)
+    if calibration_samples is not None:
+        _checks.check_int("calibration_samples", calibration_samples, low=1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -329,7 +336,8 @@ def to_tflite(
     """
     check_keras2(model, "model", keras.Model)
     io_dtype = io_dtype or ("int8" if mode == "int8" else "float32")
-    check_arguments(mode, io_dtype, batch_size, representative_data, min_agreement, atol)
+    check_arguments(mode, io_dtype, batch_size, representative_data, min_agreement, atol, check,
+                    allow_float_ops, calibration_samples)
     if weight_bits not in (None, 8):
         return _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check,
                           sample, path, min_agreement, calibration_samples, weight_bits,
