@@ -179,3 +179,28 @@ def test_cli_compress_end_to_end(tmp_path, data_dir, tfds_dir, fashion_small):
     step = fc[fc != 0]
     assert np.allclose(step / np.abs(step).min(), np.round(step / np.abs(step).min()),
                        atol=1e-4)  # the non-zeros are integer multiples of one step
+
+
+def test_cli_compress_errors_are_one_line_before_training(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    compression.add_arguments(parser)
+    saved = tmp_path / "tiny.keras"
+    models.tiny_cnn().save(saved)
+    (tmp_path / "afile").write_text("x")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "model.tfqz").write_bytes(b"old")
+    cases = [
+        ([str(tmp_path / "missing.keras"), "--out", str(tmp_path / "o")], "does not exist"),
+        ([str(saved), "--out", str(tmp_path / "afile")], "is a file"),
+        ([str(saved), "--out", str(taken)], "--overwrite"),
+        ([str(saved), "--out", str(tmp_path / "o"), "--bits", "1"], "--bits 1"),
+        ([str(saved), "--out", str(tmp_path / "o"), "--prune", "1"], "--prune 1"),
+        ([str(saved), "--out", str(tmp_path / "o"), "--test-limit", "0"], "--test-limit 0"),
+    ]
+    for argv, message in cases:
+        assert compression.run_cli(parser.parse_args(argv)) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("tfqreg compress: error:") and message in err, (argv, err)
+        assert "\n" not in err
+    assert (taken / "model.tfqz").read_bytes() == b"old"

@@ -66,6 +66,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-limit", type=int, default=None, help="use N test images")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace DIR/model.tfqz and DIR/report.json if they exist")
 
 
 def load_model(spec: str, data, float_epochs: int, lr: float, batch_size: int, verbose: int):
@@ -85,8 +87,51 @@ def load_model(spec: str, data, float_epochs: int, lr: float, batch_size: int, v
     return _load(spec)
 
 
+def _check_cli(args: argparse.Namespace) -> None:
+    """Everything that can be checked before training: raises ValueError (one line)."""
+    if args.model not in _REFERENCE_MODELS and not os.path.exists(args.model):
+        raise ValueError(f"MODEL {args.model!r} does not exist (a .keras / .h5 file, a "
+                         f"SavedModel folder, or one of {', '.join(_REFERENCE_MODELS)}).")
+    if args.model.endswith(".tflite"):
+        raise ValueError(f"MODEL {args.model!r} is a .tflite file; compress takes a Keras model.")
+    if not 0.0 <= args.prune < 1.0:
+        raise ValueError(f"--prune {args.prune:g}: the pruned fraction must be in [0, 1).")
+    if not 2 <= args.bits <= 16:
+        raise ValueError(f"--bits {args.bits}: must be in 2..16.")
+    for flag, v in (("--epochs", args.epochs), ("--prune-epochs", args.prune_epochs),
+                    ("--quant-epochs", args.quant_epochs), ("--float-epochs", args.float_epochs)):
+        if v is not None and v < 0:
+            raise ValueError(f"{flag} {v}: must be >= 0.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size {args.batch_size}: must be >= 1.")
+    for flag, v in (("--train-limit", args.train_limit), ("--test-limit", args.test_limit)):
+        if v is not None and v < 1:
+            raise ValueError(f"{flag} {v}: must be >= 1 (omit it for all images).")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out!r} is a file; give a folder.")
+    parent = os.path.dirname(os.path.abspath(args.out))
+    if not os.path.isdir(args.out) and not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {args.out!r}: cannot create it in {parent!r}.")
+    if os.path.isdir(args.out) and not os.access(args.out, os.W_OK):
+        raise ValueError(f"--out {args.out!r} is not writable.")
+    for name in ("model.tfqz", "report.json"):
+        target = os.path.join(args.out, name)
+        if os.path.exists(target) and not args.overwrite:
+            raise ValueError(f"{target!r} exists; pass --overwrite to replace it.")
+
+
 def run_cli(args: argparse.Namespace) -> int:
-    """Run ``tfqreg compress``; returns the exit code."""
+    """Run ``tfqreg compress``: 0 on success; bad input is one line on stderr and exit code 2,
+    checked before any training starts."""
+    try:
+        _check_cli(args)
+        return _run(args)
+    except (ValueError, TypeError, FileNotFoundError, OSError) as e:
+        print(f"tfqreg compress: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
     verbose = 0 if args.quiet else (1 if sys.stdout.isatty() else 2)
     prune_epochs = args.epochs if args.epochs is not None else args.prune_epochs
     quant_epochs = args.epochs if args.epochs is not None else args.quant_epochs

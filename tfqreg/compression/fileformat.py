@@ -302,12 +302,21 @@ def encode_model(
     """
     check_keras2(model, "model")
     _check_args(bits, per_channel, narrow_range, layers, mode)
+    if not isinstance(model, keras.Sequential) and not getattr(model, "_is_graph_network", False):
+        # a subclassed model's to_json() "works" but the file could never be decoded
+        raise TypeError("`model` must be a Sequential or Functional model (a subclassed "
+                        f"{type(model).__name__} has no architecture config to store).")
     try:
         architecture = model.to_json()
     except NotImplementedError as e:
         raise TypeError("`model` must be a Sequential or Functional model (subclassed models "
                         "have no architecture config to store).") from e
-    kernels = {id(v): (k, l, a) for k, (l, v, a) in coded_kernels(model, layers).items()}
+    coded = coded_kernels(model, layers)
+    unknown = sorted(set(steps or {}) - set(coded))
+    if unknown:
+        raise ValueError(f"`steps` has keys that are not coded kernels of the model: {unknown}; "
+                         f"the coded kernels are {sorted(coded)}.")
+    kernels = {id(v): (k, l, a) for k, (l, v, a) in coded.items()}
     owner = {}
     for layer in _leaf_layers(model):
         for w in layer.weights:
