@@ -139,6 +139,9 @@ def _check(cls_name: str, **kwargs):
             if value is not None:
                 if isinstance(value, str):
                     value = [value]
+                if not isinstance(value, (list, tuple)):
+                    raise TypeError(f"{cls_name}: `{name}` must be a list of layer names, got "
+                                    f"{value!r} ({type(value).__name__}).")
                 value = list(value)
                 bad = [v for v in value if not isinstance(v, str)]
                 if bad:
@@ -907,6 +910,8 @@ class TrainingModel(keras.Model):
         check_keras2(inner, "inner", kind=keras.Model)
         super().__init__(name=name or f"training_{inner.name}", **kwargs)
         self.inner = inner
+        if isinstance(terms, (str, _Term)):
+            terms = [terms]  # one term, not the characters of its alias
         terms = [get(t) for t in (terms or [])]
         if sum(isinstance(t, GradientL1) for t in terms) > 1:
             raise ValueError("`terms`: at most one GradientL1 per TrainingModel (combine the "
@@ -935,6 +940,12 @@ class TrainingModel(keras.Model):
             self._attach_terms()
             self._build_input_shape = getattr(inner, "_build_input_shape", None)
             self.built = True
+        elif terms and not getattr(inner, "_build_input_shape", None) and not isinstance(
+                inner, keras.Sequential):
+            raise ValueError(f"`inner` ({inner.name}) is not built and has no input shape, so "
+                             "its kernels (which the terms act on) do not exist yet: build it "
+                             "(`inner.build(input_shape)`, or give its first layer an "
+                             "input_shape / an Input) before wrapping it.")
 
     # -- structure ------------------------------------------------------------------------------
     def _attach_terms(self):
