@@ -148,3 +148,8 @@ def test_to_micro_int4_writes_c_source_and_measures_arena(data, tmp_path):
     source = open(res.cc_path).read()
     assert "m4" in source and "alignas" in source
     assert "PASS" in res.report.extra["micro_parity"]
+    # both runtimes checked once, against the simulated model: LiteRT here, TFLite Micro above
+    parity = res.report.parity
+    assert parity.backend == "litert" and parity.passed and parity.samples == 60
+    assert parity.reference == "the simulated model"
+    assert "vs the simulated model (micro, 60 samples)" in res.report.extra["micro_parity"]

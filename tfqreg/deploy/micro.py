@@ -49,7 +49,7 @@ from tfqreg.deploy.convert import ConversionError, ParityError, simulated_refere
 from tfqreg.deploy.report import ExportReport
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, CHECK_SAMPLES, input_specs,
-                                  measure_parity, to_samples)
+                                  measure_parity, sample_inputs, to_samples)
 from tfqreg.deploy.tflite_file import TfliteGraph, as_flatbuffer, read_tflite
 
 __all__ = ["OP_RESOLVER_METHODS", "MicroResult", "measure_arena", "micro_runs_with",
@@ -413,15 +413,28 @@ def to_micro(
     """
     check_keras2(model, "model", keras.Model)
     _check_args(name, arena_margin, io_dtype)
+    low_bit = weight_bits not in (None, 8)
+    label = "the simulated model" if low_bit else "Keras"  # what the checks compare with
+    # A low-bit to_tflite(runtime="micro") checks in TFLite Micro; the LiteRT check is made here
+    # (below), so that both runtimes are checked once, as for int8.
     res = to_tflite(model, mode="int8", representative_data=representative_data,
-                    io_dtype=io_dtype, batch_size=1, check=check, sample=sample,
+                    io_dtype=io_dtype, batch_size=1, check=check and not low_bit, sample=sample,
                     min_agreement=min_agreement, weight_bits=weight_bits, runtime="micro")
     flat = res.flatbuffer
     reference = model
-    if weight_bits not in (None, 8):
-        calibration = to_samples(representative_data, input_specs(model),
-                                 "representative_data", CALIBRATION_SAMPLES)[0]
-        reference = simulated_reference(model, weight_bits, "micro", True, calibration)
+    if low_bit:
+        specs = input_specs(model)
+        calibration = to_samples(representative_data, specs, "representative_data",
+                                 CALIBRATION_SAMPLES)
+        reference = simulated_reference(model, weight_bits, "micro", True, calibration[0])
+        if check:  # vs the simulated model in LiteRT, on the inputs to_tflite would check
+            res.report.parity = measure_parity(
+                reference, Runner(flat, "litert"), sample_inputs(specs, sample, calibration),
+                "int8", 0.0, min_agreement, reference=label)
+            if not res.report.parity.passed:
+                raise ParityError(f"micro (int8, {weight_bits}-bit weights) model does not "
+                                  f"match {label} in LiteRT: "
+                                  f"{res.report.parity.to_text()}", res.report)
     methods = resolver_methods(flat)
     specs = input_specs(model)
     if sample is not None:
@@ -438,11 +451,12 @@ def to_micro(
                   "identical_fraction": same, "max_abs_diff": diff,
                   "xnnpack_identical_fraction": same_xnn, "xnnpack_max_abs_diff": diff_xnn}
     # TFLite Micro vs Keras, the same criterion as the LiteRT check
-    micro_parity = measure_parity(reference, _MicroRunner(flat), xs, "int8", 0.0, min_agreement)
+    micro_parity = measure_parity(reference, _MicroRunner(flat), xs, "int8", 0.0, min_agreement,
+                                  reference=label)
     res.report.extra["micro_parity"] = micro_parity.to_text()
     if check and not micro_parity.passed:
-        raise ParityError(f"TFLite Micro output does not match Keras: {micro_parity.to_text()}",
-                          res.report)
+        raise ParityError(f"TFLite Micro output does not match {label}: "
+                          f"{micro_parity.to_text()}", res.report)
     measured = measure_arena(flat)
     fixed, fraction = int(arena_margin[0]), float(arena_margin[1])
     arena = measured + fixed + math.ceil(fraction * measured)
