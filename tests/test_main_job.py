@@ -31,5 +31,22 @@ def test_main_job_quick_end_to_end(data_dir, tfds_dir, tmp_path, capsys):
         export_dir / "small_cnn_model_data.h").read_text() + cc
     assert summary["export"]["arena_measured"] > 0
     assert 0.3 < summary["export"]["int8_accuracy"] <= 1.0
+    # ... and at 4 bits for TFLite Micro: packed INT4 weights, half the int8 weight bytes, the
+    # file's accuracy in LiteRT beside the simulated 4-bit accuracy
+    from tfqreg.deploy import lowbit
+
+    ex = summary["export"]
+    int4 = lowbit.weight_report(str(export_dir / "small_cnn_int4.tflite"))
+    assert {t.dtype for t in int4.tensors} == {"int4"}
+    assert (export_dir / "small_cnn_int4_model_data.cc").is_file()
+    files = ex["files"]
+    assert files["small_cnn_int4.tflite"]["weight_bytes"] == int4.total_weight_bytes
+    assert files["small_cnn_int4.tflite"]["weight_bytes"] * 2 == \
+        files["small_cnn_int8.tflite"]["weight_bytes"]
+    assert files["small_cnn_int4.tflite"]["bytes"] < 0.6 * files["small_cnn_int8.tflite"]["bytes"]
+    assert 0.3 < ex["int4_accuracy"] <= 1.0
+    assert abs(ex["int4_accuracy"] - ex["int4_simulated_accuracy"]) < 0.02
+    assert ex["int4_arena_measured"] > 0
+    assert "exported files" in out and "small_cnn_int4.tflite" in out
     assert "accuracy (%) on the test set" in out
     assert np.isfinite(summary["train_seconds"]["plain"])
