@@ -92,7 +92,10 @@ def test_the_low_bit_writer_needs_only_the_runtime():
 def test_no_private_names_are_imported_across_modules(path):
     for module, names in _imports(path):
         if module.startswith("tfqreg"):
-            private = [n for n in names if n.startswith("_")]
+            # a package-internal module (``from tfqreg import _checks``) is what
+            # ``from tfqreg._checks import ...`` reaches too; a private name inside a module is not
+            private = [n for n in names if n.startswith("_") and not os.path.isfile(
+                os.path.join(REPO, *module.split("."), f"{n}.py"))]
             assert not private, f"{os.path.relpath(path, REPO)} imports {private} from {module}"
 
 
