@@ -219,7 +219,8 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
                   sample_xs: Optional[List[np.ndarray]], backend: str, atol: float,
                   min_agreement: float, path: Optional[str] = None,
                   notes: Sequence[str] = (),
-                  extra: Optional[Dict[str, Any]] = None) -> ExportResult:
+                  extra: Optional[Dict[str, Any]] = None, reference: str = "Keras",
+                  keras_params: Optional[int] = None) -> ExportResult:
     """What every converter does last: report, parity check, write, raise on a failed check.
 
     Args:
@@ -233,6 +234,8 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
             :func:`~tfqreg.deploy.samples.measure_parity`).
         path: write the ``.tflite`` and its JSON report here (also when the check fails).
         notes, extra: added to the report.
+        reference: what the parity report calls ``model`` (e.g. the simulated model).
+        keras_params: the parameter count reported (default ``model.count_params()``).
 
     Returns:
         An :class:`~tfqreg.deploy.report.ExportResult`.
@@ -240,17 +243,18 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
     Raises:
         ParityError: the check failed (the report is in ``.report``).
     """
-    report = ExportReport.from_flatbuffer(flatbuffer, model.count_params(), target, mode,
+    params = model.count_params() if keras_params is None else keras_params
+    report = ExportReport.from_flatbuffer(flatbuffer, params, target, mode,
                                           io_dtype, batch_size, list(notes), extra)
     result = ExportResult(flatbuffer, report)
     if check:
         report.parity = measure_parity(model, Runner(flatbuffer, backend), sample_xs, mode,
-                                       atol, min_agreement)
+                                       atol, min_agreement, reference=reference)
     if path is not None:
         result.save(path)
     if check and not report.parity.passed:
         raise ParityError(
-            f"{target} ({mode}) model does not match Keras: {report.parity.to_text()}. The "
+            f"{target} ({mode}) model does not match {reference}: {report.parity.to_text()}. The "
             "model and the report are in `.report`; pass check=False to skip the check.", report)
     return result
 
@@ -457,7 +461,10 @@ def _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check, sa
              "weight_bytes": weights.total_weight_bytes}
     backend = "micro" if runtime == "micro" else "litert"
     return finish_export(reference, out, "tflite", mode, io_dtype, batch_size, check, xs, backend,
-                         1e-5, min_agreement, path, notes, extra)
+                         1e-5, min_agreement, path, notes, extra,
+                         reference=f"simulated W{weight_bits}"
+                                   f"{'A8' if activations == 'int8' else ''} (tfqreg.ptq)",
+                         keras_params=model.count_params())
 
 
 # --------------------------------------------------------------------------------------------
