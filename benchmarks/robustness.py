@@ -2,16 +2,25 @@
 
 Rows: plain training, the tfqreg regularizers (Foothill, L∞, margin, soft-min-max), learnable
 MSQE, gradient-ℓ1, TFMOT's 8-bit QAT and a TFMOT-style 4-bit QAT (tfqreg's n-bit configs, W4A4).
-Every row trains `tfqreg.models.small_cnn` with the same optimizer (Adam 1e-3), batch size and
-epochs, for each seed; the trained float weights are then quantized by `tfqreg.ptq.sweep`:
-columns FP32, W8…W2 with activations at 8 bits, and W4A4 — per-channel and per-tensor weights.
-QAT rows are evaluated by copying their float (latent) weights into the plain architecture, so
-every row goes through the same PTQ.
+Every row trains the chosen model (``--model``: `tfqreg.models.small_cnn`, or `models.ds_cnn`, the
+depthwise-separable CNN with BatchNorm + ReLU6 after every convolution) with the same optimizer
+(Adam 1e-3), batch size and epochs, for each seed; the trained float weights are then quantized
+by `tfqreg.ptq.sweep` (which folds every BatchNorm into its convolution first, as the TFLite
+converter does): columns FP32, W8…W2 with activations at 8 bits, and W4A4 — per-channel and
+per-tensor weights. Every row is evaluated by copying its float weights (kernels, biases,
+BatchNorm γ/β/moving statistics; for QAT rows the latent float weights) by name into a freshly
+built plain model, so every row goes through the same PTQ.
 
-    python benchmarks/robustness.py            # full: 3 seeds × 9 rows × 3 epochs (53 min, 2 cores)
-    python benchmarks/robustness.py --quick    # smoke: 1 seed, 2k images, 1 epoch (~3 min)
+    python benchmarks/robustness.py                 # full: 3 seeds × 9 rows × 3 epochs (53 min, 2 cores)
+    python benchmarks/robustness.py --model ds_cnn  # full, BatchNorm model: 3 seeds × 9 rows × 5 epochs
+    python benchmarks/robustness.py --quick         # smoke: 1 seed, 2k images, 1 epoch (~3 min)
 
-Writes benchmarks/results/robustness[_quick].json and .png (accuracy vs bits, weight histograms).
+Writes benchmarks/results/robustness[_<tag>][_quick].json and .png (accuracy vs bits, weight
+histograms) for small_cnn, robustness_ds_cnn[_<tag>][_quick].json/.png for ds_cnn.
+
+``--quick`` runs of ds_cnn reset the evaluated model's BatchNorm moving statistics to those of
+1,024 training images under the final weights (`common.recalibrate_batchnorm`): 16 training
+steps do not settle them. Full runs evaluate the trained statistics as they are.
 """
 
 from __future__ import annotations
@@ -23,63 +32,111 @@ from typing import Callable, Dict, List
 import numpy as np
 
 import common  # noqa: F401  (sets up sys.path and Keras 2)
-from common import keras, mean_std, seed_all, verbose, write_json
+from common import keras, mean_std, recalibrate_batchnorm, seed_all, verbose, write_json
 
-from tfqreg import models, ptq, quantization, regularizers, training
+from tfqreg import fold, models, ptq, quantization, regularizers, training
 
 WEIGHT_BITS = (8, 6, 5, 4, 3, 2)
 COLUMNS = ["fp32"] + [f"W{b}A8" for b in WEIGHT_BITS] + ["W4A4"]
 
+#: per-model settings: the builder, the default epochs of a full run (``--quick``: 1) and the
+#: layer whose kernel the histogram plot shows (for ds_cnn the largest pointwise conv, BN-folded:
+#: the kernel the device quantizes). ds_cnn's 5 epochs (2,345 steps at batch 128): BatchNorm's
+#: moving statistics lag the weights, so the inference-mode accuracy trails the training one
+#: early on. Plain ds_cnn, seed 0, test accuracy after epoch 1..8: 51.1, 87.5, 88.2, 88.9, 88.8,
+#: 88.9, 89.0, 87.4 % (training accuracy 81.7 → 94.1 %): it settles at epoch 4; 5 gives one
+#: epoch of margin and keeps the 3-seed run at ~65 min on 2 quiet cores (gradient-ℓ1, ~70 s an
+#: epoch, is a third of it).
+MODELS = {
+    "small_cnn": {"build": models.small_cnn, "epochs": 3, "hist_layer": "fc1"},
+    "ds_cnn": {"build": models.ds_cnn, "epochs": 5, "hist_layer": "pw4"},
+}
 
-def _plain_copy(trained: keras.Model) -> keras.Model:
-    """A plain small_cnn holding the float weights of ``trained`` (plain, wrapped or QAT).
 
-    Weights are matched by their ``<layer>/kernel`` and ``<layer>/bias`` names, which TFMOT's
-    QuantizeWrapperV2 keeps for the float (latent) weights it owns."""
-    plain = models.small_cnn()
+def _weight_key(variable):
+    """``(layer, weight)`` from a variable name such as ``quant_pw1/pw1/kernel:0`` or
+    ``bn_pw1/moving_mean:0``: the last two parts of the name."""
+    parts = variable.name.split(":")[0].split("/")
+    return tuple(parts[-2:]) if len(parts) >= 2 else None
+
+
+def _plain_copy(trained: keras.Model, model: str = "small_cnn") -> keras.Model:
+    """A freshly built plain ``model`` holding the float weights of ``trained`` (a plain model, a
+    ``TrainingModel``, or a TFMOT-wrapped QAT model).
+
+    Every weight of the plain architecture (kernels, depthwise kernels, biases, BatchNorm
+    gamma / beta / moving_mean / moving_variance) is copied by its ``<layer>/<weight>`` name.
+    TFMOT's ``QuantizeWrapperV2`` keeps those names for the float (latent) weights it owns, and
+    in its Conv/Depthwise + BatchNorm + ReLU pattern the BatchNorm is wrapped too (with a no-op
+    config), still owning ``bn_*/gamma`` etc.; tfqreg's n-bit ``quantize_model`` leaves it
+    unwrapped. Weights the plain model does not have (quantizer ranges and step counters, the
+    learnable regularizers' ``kernel_margin`` / ``kernel_hardness`` / ``kernel_step``, training
+    terms' coefficients) are not copied.
+
+    Raises:
+        KeyError: a weight of the plain model is missing from ``trained`` (or found twice with
+            different shapes), naming it.
+    """
+    plain = MODELS[model]["build"]()
     found = {}
     for w in trained.weights:
-        parts = w.name.split(":")[0].split("/")
-        if len(parts) >= 2 and parts[-1] in ("kernel", "bias"):
-            found.setdefault((parts[-2], parts[-1]), w.numpy())
+        key = _weight_key(w)
+        if key is None:
+            continue
+        if key in found and tuple(found[key].shape) != tuple(w.shape):
+            raise KeyError(f"two weights named {'/'.join(key)} with shapes "
+                           f"{tuple(found[key].shape)} and {tuple(w.shape)} in {trained.name}")
+        found.setdefault(key, w)
     for layer in plain.layers:
-        if layer.weights:
-            layer.set_weights([found[(layer.name, "kernel")], found[(layer.name, "bias")]])
+        if not layer.weights:
+            continue
+        values = []
+        for w in layer.weights:
+            key = _weight_key(w)
+            if key not in found:
+                raise KeyError(f"{'/'.join(key)} (a weight of the plain {model}) is not in "
+                               f"{trained.name}; it has {sorted('/'.join(k) for k in found)}")
+            values.append(found[key].numpy())
+        layer.set_weights(values)
     return plain
 
 
 def _fit(model, x, y, epochs, batch):
+    """Train; returns the ``History``."""
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
-    model.fit(x, y, epochs=epochs, batch_size=batch, verbose=verbose())
-    return model
+    return model.fit(x, y, epochs=epochs, batch_size=batch, verbose=verbose())
 
 
-def method_builders(epochs: int) -> Dict[str, Callable[[], keras.Model]]:
-    """name -> function that returns the model to train (its float weights are evaluated)."""
+def method_builders(model: str = "small_cnn") -> Dict[str, Callable[[], keras.Model]]:
+    """name -> function that returns the ``model`` to train (its float weights are evaluated).
+    The regularizers go to every kernel (ds_cnn: depthwise kernels too); with a BatchNorm after
+    a convolution they penalise the folded kernel (their default ``fold_batchnorm=True``)."""
+    build = MODELS[model]["build"]
     return {
-        "plain": lambda: models.small_cnn(),
-        "foothill": lambda: models.small_cnn(regularizers.Foothill()),
-        "linf": lambda: models.small_cnn(regularizers.LInf()),
-        "margin": lambda: models.small_cnn(regularizers.Margin()),
-        "soft_min_max": lambda: models.small_cnn(regularizers.SoftMinMax()),
+        "plain": lambda: build(),
+        "foothill": lambda: build(regularizers.Foothill()),
+        "linf": lambda: build(regularizers.LInf()),
+        "margin": lambda: build(regularizers.Margin()),
+        "soft_min_max": lambda: build(regularizers.SoftMinMax()),
         "msqe_learnable_w4": lambda: training.TrainingModel(
-            models.small_cnn(), [training.LearnableMSQE(bits=4, narrow_range=True)]),
+            build(), [training.LearnableMSQE(bits=4, narrow_range=True)]),
         "gradient_l1": lambda: training.TrainingModel(
-            models.small_cnn(), [training.GradientL1(lambda_w=1e-4, lambda_a=1e-4)]),
+            build(), [training.GradientL1(lambda_w=1e-4, lambda_a=1e-4)]),
         "tfmot_qat_w8a8": lambda: __import__(
-            "tensorflow_model_optimization").quantization.keras.quantize_model(models.small_cnn()),
-        "qat_w4a4": lambda: quantization.quantize_model(models.small_cnn(), weight_bits=4,
+            "tensorflow_model_optimization").quantization.keras.quantize_model(build()),
+        "qat_w4a4": lambda: quantization.quantize_model(build(), weight_bits=4,
                                                         activation_bits=4),
     }
 
 
-def extra_builders() -> Dict[str, Callable[[], keras.Model]]:
+def extra_builders(model: str = "small_cnn") -> Dict[str, Callable[[], keras.Model]]:
     """Rows outside the standard table (``--methods`` only): stronger gradient-ℓ1 settings,
     switched on after the first epoch (from scratch, λ ≥ 1e-2 collapses training)."""
+    build = MODELS[model]["build"]
+
     def gl1(lam, start_epoch):
         return lambda: training.TrainingModel(
-            models.small_cnn(), [training.GradientL1(lambda_w=lam, lambda_a=lam,
-                                                     start_epoch=start_epoch)])
+            build(), [training.GradientL1(lambda_w=lam, lambda_a=lam, start_epoch=start_epoch)])
     return {"gradient_l1_1e-3_late": gl1(1e-3, 1), "gradient_l1_1e-2_late": gl1(1e-2, 1),
             "gradient_l1_3e-2_late": gl1(3e-2, 1)}
 
@@ -109,7 +166,20 @@ def _table(agg: Dict[str, Dict[str, Dict[str, dict]]], gran: str) -> str:
     return "\n".join(lines)
 
 
-def _plot(agg, hists, path):
+def _histogram_kernel(plain: keras.Model, model: str) -> np.ndarray:
+    """The histogram layer's kernel as the device quantizes it: BN-folded when a BatchNorm
+    folds into the layer (ds_cnn), the raw kernel otherwise (small_cnn's fc1)."""
+    return fold.folded_kernel(plain.get_layer(MODELS[model]["hist_layer"])).numpy().ravel()
+
+
+def _hist_label(plain: keras.Model, model: str) -> str:
+    layer = plain.get_layer(MODELS[model]["hist_layer"])
+    if fold.following_batchnorm(layer) is None:
+        return f"{layer.name} kernel"
+    return f"{layer.name} kernel·γ/√(σ²+ε) (BN-folded)"
+
+
+def _plot(agg, hists, path, model="small_cnn", hist_label="fc1 kernel"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,7 +196,7 @@ def _plot(agg, hists, path):
             # W4A4 as a hollow marker at the 4-bit position (activations quantized too)
             ax.plot([xs.index("4")], [100 * by[gran]["W4A4"]["mean"]], "o", mfc="none",
                     color=line.get_color(), ms=7)
-        ax.set_title(f"PTQ, {gran.replace('_', '-')} weights, 8-bit activations")
+        ax.set_title(f"{model}: PTQ, {gran.replace('_', '-')} weights, 8-bit activations")
         ax.set_xlabel("weight bits (hollow marker at 4: W4A4)")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Fashion-MNIST test accuracy (%)")
@@ -149,7 +219,7 @@ def _plot(agg, hists, path):
             ax.hist(base, bins=edges, histtype="step", color="0.35", log=True, lw=0.8,
                     label="plain")
             ax.legend(fontsize=6, loc="upper right")
-        ax.set_title(f"{name}: fc1 kernel, max|w| {np.abs(w).max():.3f}", fontsize=8)
+        ax.set_title(f"{name}: {hist_label}, max|w| {np.abs(w).max():.3f}", fontsize=8)
     for ax in np.ravel(axes)[len(names):]:
         ax.axis("off")
     fig.tight_layout()
@@ -159,16 +229,32 @@ def _plot(agg, hists, path):
     return path, hist_path
 
 
-def _report(args, seeds, epochs, x, xt, per_seed, seconds, done, wall):
+def _has_batchnorm(model: str) -> bool:
+    """Whether ``model`` has BatchNorm layers (their statistics are recalibrated in --quick)."""
+    return any(isinstance(l, keras.layers.BatchNormalization)
+               for l in MODELS[model]["build"]().layers)
+
+
+def _file_stem(model: str, tag=None, quick: bool = False) -> str:
+    """robustness[_ds_cnn][_<tag>][_quick] (small_cnn keeps the original names)."""
+    return ("robustness" + ("" if model == "small_cnn" else f"_{model}")
+            + (f"_{tag}" if tag else "") + ("_quick" if quick else ""))
+
+
+def _report(args, seeds, epochs, x, xt, per_seed, seconds, done, wall, params, hist_label):
     """Aggregate the seeds done so far and write the JSON (after every seed, so a long run
     that is cut off still leaves its results)."""
     names = [n for n in per_seed if len(per_seed[n]) >= done]
     agg = {n: {g: {c: mean_std([r[g][c] for r in per_seed[n][:done]]) for c in COLUMNS}
                for g in ("per_channel", "per_tensor")} for n in names}
     text = "\n\n".join(_table(agg, g) for g in ("per_channel", "per_tensor"))
-    suffix = (f"_{args.tag}" if args.tag else "") + ("_quick" if args.quick else "")
-    path = write_json(f"robustness{suffix}.json", {
-        "benchmark": "robustness", "data": args.data, "quick": args.quick,
+    path = write_json(_file_stem(args.model, args.tag, args.quick) + ".json", {
+        "benchmark": "robustness", "model": args.model, "parameters": params,
+        "settings": {"model": args.model, "parameters": params, "epochs": epochs,
+                     "batch_size": args.batch_size, "optimizer": "Adam(1e-3)",
+                     "histogram": hist_label},
+        "data": args.data, "quick": args.quick,
+        "batchnorm_recalibrated": bool(args.quick and _has_batchnorm(args.model)),
         "seeds_planned": seeds, "seeds_done": done, "epochs": epochs,
         "batch_size": args.batch_size, "optimizer": "Adam(1e-3)", "train_examples": len(x),
         "test_examples": len(xt), "columns": COLUMNS, "aggregate": agg, "per_seed": per_seed,
@@ -181,21 +267,29 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
     p.add_argument("--seeds", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--model", default="small_cnn", choices=list(MODELS),
+                   help="the architecture every row trains (default small_cnn)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help="default: " + ", ".join(f"{m} {c['epochs']}" for m, c in MODELS.items())
+                        + " (--quick: 1)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--data", default="fashion_mnist")
     p.add_argument("--methods", nargs="*", default=None,
                    help="rows to train (default: the standard table); also "
                         + ", ".join(extra_builders()))
     p.add_argument("--tag", default=None,
-                   help="write robustness_<tag>.json/png instead of robustness.json")
+                   help="write robustness[_<model>]_<tag>.json/png instead of "
+                        "robustness[_<model>].json")
     args = p.parse_args(argv)
     seeds = args.seeds or (1 if args.quick else 3)
-    epochs = args.epochs or (1 if args.quick else 3)
+    epochs = args.epochs or (1 if args.quick else MODELS[args.model]["epochs"])
     (x, y), (xt, yt) = common.load(args.data, quick=args.quick)
     calib = x[:512]
-    standard = method_builders(epochs)
-    builders = {**standard, **extra_builders()}
+    standard = method_builders(args.model)
+    builders = {**standard, **extra_builders(args.model)}
+    params = int(MODELS[args.model]["build"]().count_params())
+    hist_label = _hist_label(MODELS[args.model]["build"](), args.model)
+    keras.backend.clear_session()
     names = args.methods or list(standard)
     unknown = set(names) - set(builders)
     if unknown:
@@ -211,12 +305,17 @@ def main(argv=None):
             seed_all(seed)
             model = builders[name]()
             t0 = time.perf_counter()
-            _fit(model, x, y, epochs, args.batch_size)
+            history = _fit(model, x, y, epochs, args.batch_size).history
             seconds[name].append(time.perf_counter() - t0)
-            plain = _plain_copy(model)
+            plain = _plain_copy(model, args.model)
+            if args.quick:  # 16 steps do not settle BatchNorm statistics (common.py)
+                recalibrate_batchnorm(plain, x)
             per_seed[name].append(evaluate(plain, xt, yt, calib))
+            train_acc = history.get("accuracy", [None])[-1]
+            per_seed[name][-1]["train_accuracy_last_epoch"] = (
+                None if train_acc is None else float(train_acc))
             if seed == 0:
-                hists[name] = plain.get_layer("fc1").kernel.numpy().ravel()
+                hists[name] = _histogram_kernel(plain, args.model)
             r = per_seed[name][-1]
             print(f"   fp32 {100 * r['per_channel']['fp32']:.2f}  "
                   f"W3A8 pc {100 * r['per_channel']['W3A8']:.2f}  "
@@ -225,8 +324,9 @@ def main(argv=None):
 
             keras.backend.clear_session()
         agg, text, path = _report(args, seeds, epochs, x, xt, per_seed, seconds, seed + 1,
-                                  time.perf_counter() - start)
-        png, hist_png = _plot(agg, hists, path.replace(".json", ".png"))
+                                  time.perf_counter() - start, params, hist_label)
+        png, hist_png = _plot(agg, hists, path.replace(".json", ".png"), args.model,
+                              hist_label)
     print(text)
     print(f"wrote {path}, {png}, {hist_png}")
     return agg

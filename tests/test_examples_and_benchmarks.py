@@ -175,6 +175,61 @@ def test_benchmark_robustness_quick(data_dir):
                 _acc_ok(stat["mean"], trained=False)
         _acc_ok(by["per_channel"]["fp32"]["mean"])
         _acc_ok(by["per_channel"]["W8A8"]["mean"])
+    assert res["model"] == "small_cnn" and res["parameters"] == 225034
+    assert res["settings"]["histogram"] == "fc1 kernel"
+
+
+ROBUSTNESS_ROWS = {"plain", "foothill", "linf", "margin", "soft_min_max", "msqe_learnable_w4",
+                   "gradient_l1", "tfmot_qat_w8a8", "qat_w4a4"}
+
+
+def test_benchmark_robustness_ds_cnn_quick(data_dir):
+    # every row of the table trains the BatchNorm model (TFMOT's Conv+BN+ReLU6 QAT pattern and
+    # tfqreg's n-bit QAT included) and is evaluated through a plain copy of all its weights
+    _, t0 = _run("benchmarks/robustness.py", data_dir, 900, "--model", "ds_cnn")
+    with open(_fresh_file(os.path.join(RESULTS, "robustness_ds_cnn_quick.json"), t0)) as f:
+        res = json.load(f)
+    _fresh_file(os.path.join(RESULTS, "robustness_ds_cnn_quick.png"), t0)
+    _fresh_file(os.path.join(RESULTS, "robustness_ds_cnn_quick_histograms.png"), t0)
+    assert res["model"] == "ds_cnn" and res["parameters"] == 69258
+    assert res["settings"] == {"model": "ds_cnn", "parameters": 69258, "epochs": 1,
+                               "batch_size": 128, "optimizer": "Adam(1e-3)",
+                               "histogram": "pw4 kernel·γ/√(σ²+ε) (BN-folded)"}
+    assert res["quick"] is True and res["seeds_done"] == 1 and res["batchnorm_recalibrated"]
+    assert set(res["aggregate"]) == ROBUSTNESS_ROWS
+    for name, by in res["aggregate"].items():
+        for gran in ("per_channel", "per_tensor"):
+            assert set(by[gran]) == set(res["columns"])
+            for stat in by[gran].values():
+                _acc_ok(stat["mean"], trained=False)
+        _acc_ok(by["per_channel"]["fp32"]["mean"])
+        # 8-bit PTQ of the copied float weights stays near float (the copy is complete)
+        assert abs(by["per_channel"]["W8A8"]["mean"] - by["per_channel"]["fp32"]["mean"]) < 0.05
+        _acc_ok(res["per_seed"][name][0]["train_accuracy_last_epoch"])  # it trained
+
+
+def test_benchmark_batchnorm_fold_quick(data_dir):
+    out, t0 = _run("benchmarks/batchnorm_fold.py", data_dir, 600)
+    with open(_fresh_file(os.path.join(RESULTS, "batchnorm_fold_quick.json"), t0)) as f:
+        res = json.load(f)
+    assert res["rows"] == ["plain", "linf", "soft_min_max"] and res["seeds"] == 1
+    assert res["simulations"] == ["tfqreg.ptq", "independent fold", "old: raw kernels"]
+    assert res["columns"] == ["fp32", "pt W4", "pt W3", "pt W4A8", "pt W3A8", "pc W4", "pc W3"]
+    assert res["quick"] is True and res["epochs"] == 1 and res["test_examples"] == 1000
+    for row in res["rows"]:
+        r = res["per_seed"][row][0]
+        _acc_ok(r["tfqreg.ptq"]["fp32"])
+        for sim in res["simulations"]:
+            assert set(res["columns"]) <= set(r[sim])
+            for a in r[sim].values():
+                _acc_ok(a, trained=False)
+    # the acceptance figure: tfqreg's PTQ computes what the independent NumPy fold computes
+    assert res["max_abs_diff_ptq_vs_independent_pt"] <= res["target_pt"] == 0.5
+    assert res["target_met"] is True
+    # the BN-free copy is the trained network; per-channel steps commute with the fold
+    assert res["max_abs_diff_bn_free_fp32_pt"] <= 0.1
+    assert res["max_abs_diff_independent_vs_old_per_channel_pt"] <= 0.5
+    assert "max |tfqreg.ptq - independent fold| =" in out and "target <= 0.5 pt: met" in out
 
 
 def test_benchmark_bnn_quick(data_dir):
