@@ -37,7 +37,11 @@ from common import keras, mean_std, recalibrate_batchnorm, seed_all, verbose, wr
 from tfqreg import fold, models, ptq, quantization, regularizers, training
 
 WEIGHT_BITS = (8, 6, 5, 4, 3, 2)
-COLUMNS = ["fp32"] + [f"W{b}A8" for b in WEIGHT_BITS] + ["W4A4"]
+CURVE = ["fp32"] + [f"W{b}A8" for b in WEIGHT_BITS]  # the accuracy-vs-bits plot
+#: ``W4A8 file``: the real 4-bit artifact (packed INT4 weights, int8 activations,
+#: ``tfqreg.deploy.to_tflite(weight_bits=4)``) run in LiteRT on the same test set, beside the
+#: simulated ``W4A8`` column
+COLUMNS = CURVE + ["W4A4", "W4A8 file"]
 
 #: per-model settings: the builder, the default epochs of a full run (``--quick``: 1) and the
 #: layer whose kernel the histogram plot shows (for ds_cnn the largest pointwise conv, BN-folded:
@@ -150,8 +154,19 @@ def evaluate(model: keras.Model, xt, yt, calib) -> Dict[str, Dict[str, float]]:
         row = {"fp32": s.float_accuracy}
         row.update({f"W{b}A8": s.accuracy(b, 8) for b in WEIGHT_BITS})
         row["W4A4"] = s.accuracy(4, 4)
+        row["W4A8 file"] = _artifact_accuracy(model, xt, yt, calib, per_channel)
         out[gran] = row
     return out
+
+
+def _artifact_accuracy(model, xt, yt, calib, per_channel: bool) -> float:
+    """Test accuracy of the INT4 ``.tflite`` in LiteRT (XNNPACK, what apps get), calibrated on
+    the same images as the simulation."""
+    from tfqreg import deploy
+
+    res = deploy.to_tflite(model, mode="int8", representative_data=calib, weight_bits=4,
+                           per_channel=per_channel, check=False, calibration_samples=len(calib))
+    return float(np.mean(deploy.Runner(res.flatbuffer, "litert").predict(xt).argmax(-1) == yt))
 
 
 def _table(agg: Dict[str, Dict[str, Dict[str, dict]]], gran: str) -> str:
@@ -189,8 +204,8 @@ def _plot(agg, hists, path, model="small_cnn", hist_label="fc1 kernel"):
     xs = ["fp32"] + [str(b) for b in WEIGHT_BITS]
     for ax, gran in zip(axes, ("per_channel", "per_tensor")):
         for name, by in agg.items():
-            m = np.array([100 * by[gran][c]["mean"] for c in COLUMNS[:-1]])
-            s = np.array([100 * by[gran][c]["std"] for c in COLUMNS[:-1]])
+            m = np.array([100 * by[gran][c]["mean"] for c in CURVE])
+            s = np.array([100 * by[gran][c]["std"] for c in CURVE])
             line, = ax.plot(xs, m, "o-", label=name, ms=3)
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.15)
             # W4A4 as a hollow marker at the 4-bit position (activations quantized too)
