@@ -22,6 +22,8 @@ def test_main_job_quick_end_to_end(data_dir, tfds_dir, tmp_path, capsys):
         assert 0.3 < row["fp32"] <= 1.0  # trained on 2,000 images for one epoch: above chance
         assert abs(row["W8pc"] - row["fp32"]) < 0.02  # 8-bit PTQ is nearly lossless
     assert summary["regularizer"]["class_name"].endswith("LInf")
+    assert summary["batchnorm_folding"] == {"folds": [], "unfolded": []}  # small_cnn: no BN
+    assert "BatchNorms folded into their layers before quantizing" in out
     assert os.path.getsize(results / "accuracy_vs_bits.png") > 10_000
     # the exported artifacts exist, and the C array holds the .tflite's bytes
     tflite = (export_dir / "small_cnn_int8.tflite").read_bytes()

@@ -171,12 +171,18 @@ def run(data: str = "fashion_mnist", data_dir: Optional[str] = None,
         row.update({"W8A8pc": pc.accuracy(8, 8), "W4A4pc": pc.accuracy(4, 4)})
         table[name] = row
     text = _table(table)
+    folding = next(iter(sweeps.values()))["per-channel"].folding or {}
+    text += (f"\nPTQ as the device computes it: BatchNorms folded into their layers before "
+             f"quantizing ({len(folding.get('folds', []))} folded, "
+             f"{len(folding.get('unfolded', []))} kept as a float multiply-add; small_cnn has "
+             "none), activations quantized after each fused op (benchmarks/robustness.py "
+             "--model ds_cnn measures a BatchNorm model)")
     print(text)
     os.makedirs(results_dir, exist_ok=True)
     plot = _plot(sweeps, os.path.join(results_dir, "accuracy_vs_bits.png"))
     summary = {
         "data": data, "epochs": epochs, "batch_size": batch_size, "seed": seed,
-        "regularizer": keras.regularizers.serialize(reg),
+        "regularizer": keras.regularizers.serialize(reg), "batchnorm_folding": folding,
         "train_seconds": {n: round(s, 1) for n, (_, s) in trained.items()},
         "accuracy": table,
         "sweeps": {n: {g: s.to_dict() for g, s in by.items()} for n, by in sweeps.items()},
