@@ -80,3 +80,16 @@ def test_keras3_already_resolved_gives_clear_import_error(prelude):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("ImportError:")
     assert "TF_USE_LEGACY_KERAS=1" in last and "Keras 3" in last and "import tfqreg" in last
+
+
+def test_the_cli_silences_tensorflow_info_logs_library_users_keep_them():
+    import subprocess
+    import sys
+
+    code = ("import os, sys; sys.argv[0] = {!r}; import tfqreg; "
+            "print(os.environ.get('TF_CPP_MIN_LOG_LEVEL'))")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    for argv0, want in (("/usr/local/bin/tfqreg", "2"), ("script.py", "None")):
+        out = subprocess.run([sys.executable, "-c", code.format(argv0)], env=env,
+                             capture_output=True, text=True, timeout=300).stdout.split()
+        assert out[-1] == want, (argv0, out)

@@ -33,6 +33,12 @@ if _previous is None or _previous.strip().lower() not in _TRUE:
         )
     os.environ[_ENV] = "1"
 
+# The `tfqreg` command: TensorFlow's C++ INFO/WARNING lines (tens of them from the converter)
+# would bury the command's own output; errors still show. Set TF_CPP_MIN_LOG_LEVEL to override.
+# Library users keep TensorFlow's defaults.
+if os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "") == "tfqreg":
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
 import tensorflow as tf  # noqa: E402
 import tf_keras as keras  # noqa: E402
 
