@@ -11,8 +11,8 @@ per-tensor weights. Every row is evaluated by copying its float weights (kernels
 BatchNorm γ/β/moving statistics; for QAT rows the latent float weights) by name into a freshly
 built plain model, so every row goes through the same PTQ.
 
-    python benchmarks/robustness.py                 # full: 3 seeds × 9 rows × 3 epochs (53 min, 2 cores)
-    python benchmarks/robustness.py --model ds_cnn  # full, BatchNorm model: 3 seeds × 9 rows × 5 epochs
+    python benchmarks/robustness.py                 # 3 seeds × 9 rows × 3 epochs (53 min, 2 cores)
+    python benchmarks/robustness.py --model ds_cnn  # 3 seeds × 9 rows × 5 epochs (~65 min est.)
     python benchmarks/robustness.py --quick         # smoke: 1 seed, 2k images, 1 epoch (~3 min)
 
 Writes benchmarks/results/robustness[_<tag>][_quick].json and .png (accuracy vs bits, weight
@@ -49,8 +49,8 @@ COLUMNS = CURVE + ["W4A4", "W4A8 file"]
 #: moving statistics lag the weights, so the inference-mode accuracy trails the training one
 #: early on. Plain ds_cnn, seed 0, test accuracy after epoch 1..8: 51.1, 87.5, 88.2, 88.9, 88.8,
 #: 88.9, 89.0, 87.4 % (training accuracy 81.7 → 94.1 %): it settles at epoch 4; 5 gives one
-#: epoch of margin and keeps the 3-seed run at ~65 min on 2 quiet cores (gradient-ℓ1, ~70 s an
-#: epoch, is a third of it).
+#: epoch of margin and keeps the 3-seed run at ~65 min on 2 quiet cores (estimated from
+#: per-step times; gradient-ℓ1, ~70 s an epoch against ~16 s for plain, is over a quarter).
 MODELS = {
     "small_cnn": {"build": models.small_cnn, "epochs": 3, "hist_layer": "fc1"},
     "ds_cnn": {"build": models.ds_cnn, "epochs": 5, "hist_layer": "pw4"},
