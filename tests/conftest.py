@@ -74,3 +74,19 @@ def fashion_small(data_dir, tfds_dir):
     """Fashion-MNIST as NumPy: 6,000 training and 2,000 test images (real data, small)."""
     (x, y), (xt, yt) = tfqreg.datasets.load_numpy("fashion_mnist", data_dir, tfds_dir)
     return (x[:6000], y[:6000]), (xt[:2000], yt[:2000])
+
+
+@pytest.fixture
+def subclassed_model():
+    """A factory of small subclassed Keras 2 models (no layer graph: cannot be cloned)."""
+    from tfqreg._keras import keras
+
+    class Sub(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d(x)
+
+    return Sub

@@ -201,20 +201,12 @@ def test_only_named_layers_are_coded():
     assert conv1.float_bytes == conv1.float32_bytes
 
 
-def test_misspelled_step_key_and_subclassed_model_are_refused():
+def test_misspelled_step_key_and_subclassed_model_are_refused(subclassed_model):
     model = models.tiny_cnn()
     with pytest.raises(ValueError, match="not coded kernels.*fc1/kernel"):
         encode_model(model, bits=4, steps={"fc1/kernel": np.float32(0.1)})
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d(x)
-
-    sub = Sub()
+    sub = subclassed_model()
     sub(np.zeros((1, 3), np.float32))
     with pytest.raises(TypeError, match="subclassed"):
         encode_model(sub, bits=4)

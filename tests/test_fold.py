@@ -185,6 +185,11 @@ def test_ptq_quantizes_the_folded_kernel(bits, per_channel):
 def test_per_tensor_on_raw_kernels_is_not_what_the_device_runs():
     """Per channel, folding commutes with quantizing; per tensor it does not (methods.md)."""
     model = randomize_bn(bn_model(), seed=4)
+    rng = np.random.default_rng(4)
+    for name in ("conv", "dw", "fc", "out"):  # kernels drawn here: independent of TF's seeds
+        layer = model.get_layer(name)
+        var = layer.depthwise_kernel if name == "dw" else layer.kernel
+        var.assign(rng.normal(0, 0.3, var.shape).astype(np.float32))
     x = np.random.default_rng(0).random((32, 12, 12, 3)).astype(np.float32)
     folded = fold.fold_model(model)
     for per_channel in (True, False):

@@ -727,19 +727,11 @@ def test_fashion_mnist_msqe_falls_alpha_rises_and_rounding_is_harmless(fashion_s
     assert abs(acc - acc_q) <= 0.002 + 1e-9, (acc, acc_q)
 
 
-def test_wrong_argument_types_name_the_argument():
+def test_wrong_argument_types_name_the_argument(subclassed_model):
     with pytest.raises(TypeError, match="`layers` must be a list of layer names"):
         training.GradientL1(layers=5)
     model = training.TrainingModel(models.tiny_cnn(), terms="gradient_l1")
     assert [type(t).__name__ for t in model.terms] == ["GradientL1"]
 
-    class Sub(keras.Model):
-        def __init__(self):
-            super().__init__()
-            self.d = keras.layers.Dense(2)
-
-        def call(self, x):
-            return self.d(x)
-
     with pytest.raises(ValueError, match="not built"):
-        training.TrainingModel(Sub(), terms=[training.LearnableMSQE()])
+        training.TrainingModel(subclassed_model(), terms=[training.LearnableMSQE()])

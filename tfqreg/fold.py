@@ -60,6 +60,7 @@ __all__ = [
     "consumers",
     "foldable_layer_types",
     "following_batchnorm",
+    "batchnorm_for_kernel",
     "batchnorm_scale",
     "batchnorm_shift",
     "fold_kernel",
@@ -136,6 +137,17 @@ def following_batchnorm(layer) -> Optional[keras.layers.BatchNormalization]:
         return None
     bn = after[0]
     return bn if _why_not(layer, bn) is None else None
+
+
+def batchnorm_for_kernel(layer, kernel) -> Optional[keras.layers.BatchNormalization]:
+    """The BatchNorm that folds into ``kernel``: :func:`following_batchnorm` of ``layer`` when
+    ``kernel`` is that layer's main kernel (``kernel`` / ``depthwise_kernel``), else ``None``
+    (a bias, a wrapper's weight, another layer's kernel)."""
+    if layer is None or isinstance(layer, keras.layers.Wrapper) or not _is_foldable_type(layer):
+        return None
+    if _kernel_of(layer) is not kernel:
+        return None
+    return following_batchnorm(layer)
 
 
 def batchnorm_scale(bn) -> tf.Tensor:

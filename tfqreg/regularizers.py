@@ -425,13 +425,7 @@ class _Attachment:
         """``w`` as the device quantizes it: ``w·γ/√(σ²+ε)`` when a BatchNorm folds into the
         layer whose kernel this is (:mod:`tfqreg.fold`), else ``w``."""
         layer, variable = self.layer, self.variable
-        if layer is None or variable is None:
-            return w
-        kernel = getattr(layer, "depthwise_kernel", None) if isinstance(
-            layer, keras.layers.DepthwiseConv2D) else getattr(layer, "kernel", None)
-        if kernel is not variable:
-            return w
-        bn = _fold.following_batchnorm(layer)
+        bn = None if variable is None else _fold.batchnorm_for_kernel(layer, variable)
         if bn is None:
             return w
         return tf.cast(_fold.fold_kernel(layer, w, _fold.batchnorm_scale(bn)), w.dtype)

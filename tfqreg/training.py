@@ -219,13 +219,7 @@ def _kernels_of(layer) -> List:
 def _fold_scale(layer, kernel):
     """``(layer, BatchNorm)`` when ``kernel`` is the main kernel of a plain layer that a
     BatchNorm folds into (:mod:`tfqreg.fold`), else ``None``."""
-    if isinstance(layer, keras.layers.Wrapper):
-        return None
-    main = getattr(layer, "depthwise_kernel", None) if isinstance(
-        layer, keras.layers.DepthwiseConv2D) else getattr(layer, "kernel", None)
-    if main is not kernel:
-        return None
-    bn = fold.following_batchnorm(layer)
+    bn = fold.batchnorm_for_kernel(layer, kernel)
     return None if bn is None else (layer, bn)
 
 
