@@ -67,7 +67,9 @@ model inputs and outputs are int8 by default, like tfqreg's int8 export
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import io
 import os
 import re
 import warnings
@@ -372,7 +374,8 @@ def _calibrate(data: bytes, recipe: Any, key: str,
     manager = recipe_manager.RecipeManager()
     manager.load_quantization_recipe(recipe)
     calib = calibrator.Calibrator(data, num_threads=1, qsv_update_func=_global_min_max)
-    calib.calibrate({key: samples}, manager)
+    with contextlib.redirect_stderr(io.StringIO()):  # the tool's tqdm bar, one line per sample
+        calib.calibrate({key: samples}, manager)
     return dict(calib.get_model_qsvs())
 
 
