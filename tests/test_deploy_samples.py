@@ -112,3 +112,31 @@ def test_report_of_a_flatbuffer_and_its_json(tmp_path):
     out = report.ExportResult(res.flatbuffer, r).save(str(tmp_path / "m.tflite"))
     assert open(out, "rb").read() == res.flatbuffer
     assert json.loads((tmp_path / "m.json").read_text())["ops"] == r.ops
+
+
+class _Tied:
+    """Keras' class tied with another one in the first ``n`` outputs (a 1/256 softmax)."""
+
+    backend = "fake"
+
+    def __init__(self, model, n):
+        self.model, self.n = model, n
+
+    def predict(self, xs):
+        y = samples.keras_outputs(self.model, xs)[0].copy()
+        for i in range(self.n):
+            k = int(y[i].argmax())
+            other = 0 if k != 0 else 1
+            y[i, other] = y[i, k]  # a tie; argmax takes the lower index
+        return y
+
+
+def test_parity_counts_a_tie_with_keras_class_as_agreement(two_inputs):
+    xs = samples.sample_inputs(samples.input_specs(two_inputs), None, None)
+    want = samples.keras_outputs(two_inputs, xs)[0]
+    p = samples.measure_parity(two_inputs, _Tied(two_inputs, 20), xs, "int8", 0, 0.99)
+    flips = int(np.sum(want[:20].argmax(1) != 0))  # ties that argmax resolves to class 0
+    assert flips > 0
+    assert p.top1_agreement == pytest.approx(1 - flips / 64)  # the strict figure, reported
+    assert p.top1_agreement_ties == 1.0 and p.passed          # decided counting ties
+    assert "tie" in p.criterion
