@@ -299,8 +299,13 @@ def test_8bit_model_converts_to_full_int8_tflite(trained_qat8, fashion_small):
     q = np.frombuffer(bytes(data), np.int8).reshape(t.shape)  # (out, kh, kw, in)
     scale = np.asarray(t.quantization.scale)
     np.testing.assert_allclose(scale, step.reshape(-1), rtol=1e-5)
-    np.testing.assert_allclose((q * scale[:, None, None, None]).transpose(1, 2, 3, 0), ours,
-                               atol=1e-6)
+    got = (q * scale[:, None, None, None]).transpose(1, 2, 3, 0)
+    off = ~np.isclose(got, ours, atol=1e-6)
+    # the converter rounds w/δ in its own float arithmetic: an index may differ by one step only
+    # where w/δ sits on a rounding tie (x.5 to float32 precision), never elsewhere
+    ratio = conv / step
+    assert np.all(np.abs(np.abs(ratio[off] - np.floor(ratio[off])) - 0.5) < 1e-3)
+    assert np.all(np.abs(got - ours)[off] <= np.broadcast_to(step, ours.shape)[off] * 1.001)
     # and the integer model classifies like the QAT model
     from ai_edge_litert.interpreter import Interpreter
 
