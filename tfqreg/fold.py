@@ -58,6 +58,8 @@ from tfqreg._keras import check_keras2, keras, tf
 __all__ = [
     "FoldPlan",
     "consumers",
+    "activation_name",
+    "is_fused_activation",
     "foldable_layer_types",
     "following_batchnorm",
     "batchnorm_for_kernel",
@@ -101,6 +103,34 @@ def consumers(layer) -> List:
         if consumer is not None:
             out.append(consumer)
     return out
+
+
+def activation_name(layer) -> Optional[str]:
+    """``"relu"``, ``"relu6"``, ``"linear"`` or another name for an activation layer or a
+    layer's own activation; ``None`` for layers that have none (a ``ReLU`` with a slope, a
+    threshold or a cap other than 6 is ``"relu_custom"``)."""
+    if isinstance(layer, keras.layers.ReLU):
+        mv = None if layer.max_value is None else float(layer.max_value)
+        if float(layer.negative_slope) == 0 and float(layer.threshold) == 0 and mv in (None, 6.0):
+            return "relu" if mv is None else "relu6"
+        return "relu_custom"
+    act = getattr(layer, "activation", None)
+    if act is None:
+        return None
+    name = keras.activations.serialize(act)
+    return name if isinstance(name, str) else str(name)
+
+
+FUSED_ACTIVATIONS = ("relu", "relu6", "linear")
+"""The activations TFLite fuses into the op before them (its output is then the quantized
+tensor)."""
+
+
+def is_fused_activation(layer) -> bool:
+    """Whether ``layer`` is an activation layer TFLite fuses into the op before it (ReLU,
+    ReLU6, identity)."""
+    return isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)) and \
+        activation_name(layer) in FUSED_ACTIVATIONS
 
 
 def _why_not(layer, bn) -> Optional[str]:

@@ -198,8 +198,7 @@ def _batches(data, model, name: str, with_labels: bool, batch_size: int = _BATCH
                 x = element[0] if isinstance(element, (tuple, list)) else element
             if i == 0:
                 _check_x(x, model, name)
-            if name == "calibration_data":
-                _check_values(np.asarray(x), name)
+            _check_values(np.asarray(x), name)
             yield (x, y) if with_labels else x
         return
     if isinstance(data, (tuple, list)):
@@ -360,31 +359,8 @@ def _computing_types():
         keras.layers.Softmax, keras.layers.PReLU, keras.layers.ELU)
 
 
-_FUSABLE = ("relu", "relu6", "linear")
-
-
-def _activation_name(layer) -> Optional[str]:
-    """``"relu"``, ``"relu6"``, ``"linear"`` or another name for an activation layer or a
-    layer's own activation; ``None`` for layers that have none."""
-    if isinstance(layer, keras.layers.ReLU):
-        mv = None if layer.max_value is None else float(layer.max_value)
-        if float(layer.negative_slope) == 0 and float(layer.threshold) == 0 and mv in (None, 6.0):
-            return "relu" if mv is None else "relu6"
-        return "relu_custom"
-    act = getattr(layer, "activation", None)
-    if act is None:
-        return None
-    name = keras.activations.serialize(act)
-    return name if isinstance(name, str) else str(name)
-
-
 def _is_identity(layer) -> bool:
-    return isinstance(layer, keras.layers.Activation) and _activation_name(layer) == "linear"
-
-
-def _is_fusable_activation_layer(layer) -> bool:
-    return isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)) and \
-        _activation_name(layer) in _FUSABLE
+    return isinstance(layer, keras.layers.Activation) and fold.activation_name(layer) == "linear"
 
 
 def _model_input_layers(base) -> set:
@@ -408,8 +384,9 @@ def _quantization_points(base, quantized: set) -> Dict[int, dict]:
             continue
         if _is_identity(layer):
             continue
-        own = _activation_name(layer)
-        split = own is not None and own not in _FUSABLE and id(layer) in quantized
+        own = fold.activation_name(layer)
+        split = (own is not None and own not in fold.FUSED_ACTIVATIONS
+                 and id(layer) in quantized)
         end, fused = layer, own not in (None, "linear")
         while True:  # follow the chain that TFLite fuses into this op
             consumers = fold.consumers(end)
@@ -421,7 +398,7 @@ def _quantization_points(base, quantized: set) -> Dict[int, dict]:
                 covered.add(id(nxt))
                 continue
             if (not fused and isinstance(layer, _fusing_types())
-                    and _is_fusable_activation_layer(nxt)):
+                    and fold.is_fused_activation(nxt)):
                 end, fused = nxt, True
                 covered.add(id(nxt))
                 continue

@@ -476,10 +476,7 @@ def quantize_model(model: keras.Model, weight_bits: int = 4, activation_bits: Op
 
     def fused_activation_follows(bn) -> bool:
         after = fold.consumers(bn)
-        return len(after) == 1 and (
-            isinstance(after[0], keras.layers.ReLU) and after[0].negative_slope == 0
-            or isinstance(after[0], keras.layers.Activation)
-            and keras.activations.serialize(after[0].activation) in ("relu", "linear"))
+        return len(after) == 1 and fold.is_fused_activation(after[0])
 
     def clone(layer):
         fresh = layer.__class__.from_config(layer.get_config())

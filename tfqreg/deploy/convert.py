@@ -441,7 +441,8 @@ def _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check, sa
     on_grid = ptq.quantize(model, weight_bits, per_channel=granularity)
     activations = "int8" if mode == "int8" else "float"
     reference = simulated_reference(model, weight_bits, runtime, per_channel,
-                                    rep_xs[0] if activations == "int8" else None)
+                                    rep_xs[0] if activations == "int8" else None) \
+        if check else model  # only the parity check needs the simulated model
     converter = tf.lite.TFLiteConverter.from_keras_model(static_model(on_grid, batch_size))
     try:
         flat = converter.convert()
