@@ -37,7 +37,12 @@ def test_quantize_and_dequantize_closed_forms():
                                   ((q.astype(np.float32) - 3) * 0.5))
     assert runtime.quantize(x, "float32", 0.0, 0).dtype == np.float32
     np.testing.assert_array_equal(runtime.dequantize(x, 0.5, 3), x)  # float: a cast
-    with pytest.raises(ValueError, match="without quantization parameters"):
+    # an integer tensor without a scale (token ids: TFLite does not quantize them) takes
+    # integers as they are, and refuses floats, naming the argument
+    ids = np.array([[0, 3, 9]], np.int64)
+    q_ids = runtime.quantize(ids, "int32", 0.0, 0)
+    assert q_ids.dtype == np.int32 and q_ids.tolist() == [[0, 3, 9]]
+    with pytest.raises(TypeError, match="`x` has dtype float32.*integer array"):
         runtime.quantize(x, "int8", 0.0, 0)
 
 
@@ -66,7 +71,7 @@ def test_runner_arguments():
         deploy.Runner(CNN, "gpu")
     with pytest.raises(ValueError, match="kernels"):
         deploy.Runner(CNN, kernels="fast")
-    with pytest.raises(ValueError, match="1 inputs, got 2"):
+    with pytest.raises(ValueError, match=r"1 inputs \['input_1'\], got 2 arrays"):
         deploy.Runner(CNN).predict([np.zeros((1, 28, 28, 1))] * 2)
 
 

@@ -1,28 +1,63 @@
 """tfqreg: train Keras models that survive quantization, and ship them to edge hardware.
 
 Importing tfqreg makes Keras 2 (``tf_keras``) the Keras of this process (see
-:mod:`tfqreg._keras`), so import it before anything touches ``tf.keras``.
+:mod:`tfqreg._keras`), so import it before anything touches ``tf.keras``. It imports its
+modules, and so registers every tfqreg object and string alias with Keras, at once.
+
+One exception: the ``tfqreg`` command (:mod:`tfqreg.cli`) imports the package before it parses
+its arguments, and ``--help`` or a bad argument should not wait ~5 s for TensorFlow. In that
+process (:func:`tfqreg._command.is_command`) the imports below run when the command calls
+:func:`load` after parsing, or on the first attribute of the package that needs them.
 """
 
-from tfqreg import _keras  # noqa: F401  (must run first: sets TF_USE_LEGACY_KERAS)
-from tfqreg import datasets, foothill, grid, losses, ptq, quantization, quantizers, regularizers, training  # noqa: F401,E501
-from tfqreg import compression  # noqa: F401,E402  (after training: the pipeline uses it)
-from tfqreg.summary import summarize, summary  # noqa: F401  (tfqreg.summary(model) prints)
+from tfqreg import _command
 
 __version__ = "0.1.0"
+__all__ = ["datasets", "foothill", "grid", "losses", "ptq", "quantization", "quantizers",
+           "regularizers", "training", "compression", "summary", "summarize", "deploy",
+           "export", "edgetpu", "micro", "load"]
 
+# Imported eagerly by ``import tfqreg`` (in the order that matters: _keras sets
+# TF_USE_LEGACY_KERAS first; compression after training, which its pipeline uses).
+_EAGER_MODULES = ("_keras", "datasets", "foothill", "grid", "losses", "ptq", "quantization",
+                  "quantizers", "regularizers", "training", "compression", "summary")
 # Deployment is imported on first use (``tfqreg.deploy.to_tflite(...)``, ``tfqreg.export``):
 # ~35 ms today, and it keeps ``import tfqreg`` free of whatever the deploy modules import.
 _LAZY_MODULES = ("deploy", "export", "edgetpu", "micro")
+_loaded = False
+
+
+def load() -> None:
+    """Import tfqreg's modules (registering its Keras objects and aliases); a no-op once done.
+    ``import tfqreg`` calls it, except in the ``tfqreg`` command before its arguments are
+    parsed."""
+    global _loaded, summary, summarize
+    if _loaded:
+        return
+    import importlib
+
+    for name in _EAGER_MODULES:
+        importlib.import_module(f"tfqreg.{name}")
+    from tfqreg.summary import summarize, summary  # noqa: F811  (tfqreg.summary(model) prints)
+
+    _loaded = True
+
+
+if not _command.is_command():
+    load()
 
 
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
         import importlib
 
+        load()
         return importlib.import_module(f"tfqreg.{name}")  # also sets the attribute
+    if not _loaded and (name in _EAGER_MODULES or name in ("summary", "summarize")):
+        load()
+        return globals()[name]
     raise AttributeError(f"module 'tfqreg' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY_MODULES))
+    return sorted(set(globals()) | set(_LAZY_MODULES) | set(_EAGER_MODULES) | {"summarize"})

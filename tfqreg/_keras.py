@@ -36,7 +36,9 @@ if _previous is None or _previous.strip().lower() not in _TRUE:
 # The `tfqreg` command: TensorFlow's C++ INFO/WARNING lines (tens of them from the converter)
 # would bury the command's own output; errors still show. Set TF_CPP_MIN_LOG_LEVEL to override.
 # Library users keep TensorFlow's defaults.
-if os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else "") == "tfqreg":
+from tfqreg._command import is_command  # noqa: E402  (TensorFlow-free)
+
+if is_command():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
@@ -94,6 +96,26 @@ def _is_keras3_object(obj) -> bool:
     return module.split(".")[0] == "keras" and not isinstance(obj, keras.layers.Layer)
 
 
+def _check_loaded_before_tfqreg(layer, name: str) -> None:
+    """A model loaded by ``keras.models.load_model`` before ``import tfqreg`` holds each tfqreg
+    regularizer as its bare class name: tf_keras' ``regularizers.get`` returns the name of a
+    class it cannot find (it never imports the saved ``module``), and training later fails with
+    "'str' object is not callable". Say so, naming tfqreg."""
+    try:
+        layers = [layer] + list(layer._flatten_layers(include_self=False, recursive=True))
+    except Exception:  # pragma: no cover - a half-built layer: nothing to inspect
+        return
+    for sub in layers:
+        for attr, value in vars(sub).items():
+            if attr.endswith("_regularizer") and isinstance(value, str) and value:
+                raise TypeError(
+                    f"`{name}`: layer '{sub.name}' has {attr} {value!r}, a bare name instead of "
+                    "a regularizer: the model was loaded before `import tfqreg`, so Keras "
+                    "could not find tfqreg's class (and training fails with \"'str' object is "
+                    "not callable\"). `import tfqreg` before keras.models.load_model, or load "
+                    "with tfqreg.deploy.load_model.")
+
+
 def check_keras2(obj, name: str = "model", kind=None):
     """Raise ``TypeError`` unless ``obj`` is a Keras 2 (``tf_keras``) object.
 
@@ -104,9 +126,15 @@ def check_keras2(obj, name: str = "model", kind=None):
 
     Returns:
         ``obj``, so the call can be used inline.
+
+    Raises:
+        TypeError: ``obj`` is not a ``kind`` (or is a Keras 3 object), or a layer/model that
+            was loaded before ``import tfqreg`` (a regularizer kept as its class name).
     """
     kind = kind or keras.layers.Layer
     if isinstance(obj, kind):
+        if isinstance(obj, keras.layers.Layer):
+            _check_loaded_before_tfqreg(obj, name)
         return obj
     if _is_keras3_object(obj):
         raise TypeError(

@@ -131,10 +131,14 @@ def quantizable_layers(model: keras.Model) -> List[keras.layers.Layer]:
 
 # ----------------------------------------------------------------------------- data helpers
 def _input_shape(model) -> Tuple:
+    """The input shape of a single-input model; several inputs are refused naming ``model``
+    (weights-only :func:`quantize` takes them: it needs no data)."""
     shape = model.input_shape
     if isinstance(shape, list):
-        raise ValueError("PTQ supports single-input models (this model has "
-                         f"{len(shape)} inputs).")
+        raise ValueError(
+            f"`model` has {len(shape)} inputs {list(model.input_names)}: tfqreg.ptq evaluates "
+            "and calibrates single-input models only (weights-only quantize(model, bits) "
+            "takes any number of inputs).")
     return tuple(shape)
 
 
@@ -733,6 +737,7 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
         probabilities if the outputs are probabilities, else on logits).
     """
     _check_args(model, None, activation_bits, per_channel, narrow_range)
+    _input_shape(model)
     configs = [(None, None)] + [(b, activation_bits) for b in weight_bits] + [
         (w, a) for w, a in extra]
     for w, a in configs[1:]:
@@ -761,28 +766,11 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
 
 # ----------------------------------------------------------------------------- CLI
 def add_arguments(parser) -> None:
-    """Arguments of ``tfqreg sweep``."""
-    from tfqreg import datasets
+    """Arguments of ``tfqreg sweep`` (defined TensorFlow-free in
+    :func:`tfqreg.cli_args.add_sweep_arguments`)."""
+    from tfqreg import cli_args
 
-    parser.add_argument("model", help="saved Keras model (.keras, .h5 or SavedModel folder)")
-    parser.add_argument("--data", default="fashion_mnist", choices=datasets.DATASETS)
-    parser.add_argument("--data-dir", default=None,
-                        help=f"folder with the IDX files (default ${datasets.ENV_VAR})")
-    parser.add_argument("--tfds-dir", default=None, help="tensorflow-datasets data_dir")
-    parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 5, 4, 3, 2],
-                        help="weight bit widths (2..16)")
-    parser.add_argument("--per-tensor", action="store_true", help="one step per kernel")
-    parser.add_argument("--activation-bits", type=int, default=None,
-                        help="also quantize activations to this width")
-    parser.add_argument("--calibration-samples", type=int, default=1024,
-                        help="training images used to calibrate activation ranges")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate on the first N test images only")
-    parser.add_argument("--json", default=None, help="write the result as JSON")
-    parser.add_argument("--csv", default=None, help="write the result as CSV")
-    parser.add_argument("--plot", default=None, help="write an accuracy-vs-bits plot (PNG)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing --json / --csv / --plot files")
+    cli_args.add_sweep_arguments(parser)
 
 
 def _load_model(path: str) -> keras.Model:

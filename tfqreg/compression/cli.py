@@ -12,62 +12,23 @@ per stage; the report is printed and written to ``DIR/report.json``, the model t
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from typing import Optional
 
-from tfqreg import datasets, models
+from tfqreg import cli_args, datasets, models
 from tfqreg._keras import keras
-from tfqreg.compression.codec import MODES
 from tfqreg.compression.pipeline import Compressor
 
 __all__ = ["add_arguments", "run_cli", "load_model"]
 
-_REFERENCE_MODELS = ("small_cnn", "tiny_cnn")
+_REFERENCE_MODELS = cli_args.REFERENCE_MODELS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tfqreg compress``."""
-    parser.add_argument("model", metavar="MODEL",
-                        help="saved Keras model (.keras, .h5, SavedModel folder) or one of "
-                             f"{', '.join(_REFERENCE_MODELS)} (trained in float first)")
-    parser.add_argument("--prune", type=float, default=0.8, metavar="R",
-                        help="fraction of each kernel's weights to prune (default 0.8)")
-    parser.add_argument("--bits", type=int, default=4, help="grid bit width (default 4)")
-    parser.add_argument("--data", default="fashion_mnist", choices=datasets.DATASETS)
-    parser.add_argument("--out", required=True, metavar="DIR",
-                        help="output folder for model.tfqz and report.json")
-    parser.add_argument("--epochs", type=int, default=None,
-                        help="epochs of each training stage (sets both of the next two)")
-    defaults = inspect.signature(Compressor).parameters  # one source: Compressor's own defaults
-    prune, quant = defaults["prune_epochs"].default, defaults["quant_epochs"].default
-    parser.add_argument("--prune-epochs", type=int, default=prune,
-                        help=f"epochs with the learnable partial L2 (default {prune})")
-    parser.add_argument("--quant-epochs", type=int, default=quant,
-                        help=f"epochs of MSQE fine-tuning with the mask fixed (default {quant})")
-    parser.add_argument("--float-epochs", type=int, default=4,
-                        help="float training of a reference MODEL name (default 4)")
-    parser.add_argument("--per-channel", action="store_true", help="one step per channel")
-    parser.add_argument("--narrow-range", action="store_true", help="symmetric narrow grid")
-    parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--mode", default="auto", choices=MODES,
-                        help="coding of the zeros: smaller of sparse/dense per kernel (auto)")
-    parser.add_argument("--grid-tol", type=float, default=None,
-                        help="stop MSQE fine-tuning once the RMS distance to the grid "
-                             "(in steps) is below this")
-    parser.add_argument("--layers", nargs="+", default=None,
-                        help="compress only these layers (default: every Dense/Conv kernel)")
-    parser.add_argument("--data-dir", default=None,
-                        help=f"folder with the IDX files (default: ${datasets.ENV_VAR})")
-    parser.add_argument("--tfds-dir", default=None, help="tensorflow-datasets data_dir")
-    parser.add_argument("--train-limit", type=int, default=None, help="use N training images")
-    parser.add_argument("--test-limit", type=int, default=None, help="use N test images")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quiet", action="store_true", help="no progress output")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace DIR/model.tfqz and DIR/report.json if they exist")
+    """Arguments of ``tfqreg compress`` (defined TensorFlow-free in
+    :func:`tfqreg.cli_args.add_compress_arguments`)."""
+    cli_args.add_compress_arguments(parser)
 
 
 def load_model(spec: str, data, float_epochs: int, lr: float, batch_size: int, verbose: int):

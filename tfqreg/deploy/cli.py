@@ -37,61 +37,28 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
-from tfqreg.deploy.convert import IO_DTYPES, ConversionError, ParityError, check_arguments, \
+from tfqreg import cli_args
+from tfqreg.deploy.convert import ConversionError, ParityError, check_arguments, \
     load_model, to_lce, to_tflite
 from tfqreg.deploy.edgetpu import check_edgetpu
 from tfqreg.deploy.micro import to_micro
-from tfqreg.deploy.samples import CALIBRATION_SAMPLES, CHECK_SAMPLES
 
 __all__ = ["TARGETS", "WEIGHT_BITS", "RUNTIMES", "add_arguments", "check_cli_arguments",
-           "run_cli"]
+           "output_files", "run_cli"]
 
-TARGETS = ("tflite", "int8", "edgetpu", "micro", "lce")
-WEIGHT_BITS = (8, 4, 2)
-RUNTIMES = ("litert", "micro")
+TARGETS = cli_args.EXPORT_TARGETS
+WEIGHT_BITS = cli_args.EXPORT_WEIGHT_BITS
+RUNTIMES = cli_args.EXPORT_RUNTIMES
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the arguments of ``tfqreg export`` to ``parser``."""
-    parser.add_argument("model", metavar="MODEL", help=".keras / .h5 file or SavedModel folder")
-    parser.add_argument("--target", choices=TARGETS, required=True,
-                        help="tflite: float (or --mode dynamic); int8: full integer; edgetpu: "
-                             "int8 + Edge TPU pre-flight; micro: int8 + TFLite Micro C source; "
-                             "lce: Larq Compute Engine")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--name", default=None, help="base name of the files (default: MODEL's)")
-    parser.add_argument("--mode", choices=("float", "dynamic"), default="float",
-                        help="for --target tflite")
-    parser.add_argument("--weight-bits", type=int, choices=WEIGHT_BITS, default=8,
-                        help="8: the TF converter's int8 weights; 4 / 2: packed INT4 / INT2 "
-                             "weights on tfqreg's grid (2: INT2 FULLY_CONNECTED, INT4 "
-                             "convolutions; LiteRT only), checked against the simulated model "
-                             "(targets int8, micro, and tflite with --mode dynamic)")
-    parser.add_argument("--runtime", choices=RUNTIMES, default=None,
-                        help="runtime of a --weight-bits 4|2 file: decides what is refused and "
-                             "where the check runs (default: micro for --target micro, "
-                             "otherwise litert)")
-    parser.add_argument("--io-dtype", choices=IO_DTYPES, default=None,
-                        help="int8 targets: input/output type (default int8)")
-    parser.add_argument("--batch-size", type=int, default=1, help="static batch size (0: dynamic)")
-    parser.add_argument("--data", default="fashion_mnist",
-                        help="calibration/check data: fashion_mnist, mnist, or a .npy file of "
-                             "float inputs")
-    parser.add_argument("--data-dir", default=None,
-                        help="folder with the IDX files (default $TFQREG_DATA_DIR)")
-    parser.add_argument("--tfds-dir", default=None, help="tensorflow-datasets data_dir")
-    parser.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES,
-                        help="calibration samples (int8 targets)")
-    parser.add_argument("--check-samples", type=int, default=CHECK_SAMPLES,
-                        help="samples for the parity check")
-    parser.add_argument("--no-check", action="store_true", help="skip the parity check")
-    parser.add_argument("--min-agreement", type=float, default=0.99)
-    parser.add_argument("--arena-margin", type=int, default=1024,
-                        help="micro: bytes added to the measured arena (plus 10%%)")
+    """Add the arguments of ``tfqreg export`` to ``parser`` (defined TensorFlow-free in
+    :func:`tfqreg.cli_args.add_export_arguments`)."""
+    cli_args.add_export_arguments(parser)
 
 
 def check_cli_arguments(args: argparse.Namespace) -> str:
@@ -155,6 +122,7 @@ def check_cli_arguments(args: argparse.Namespace) -> str:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
     if args.arena_margin < 0:
         raise ValueError(f"--arena-margin must be >= 0, got {args.arena_margin}.")
+    _check_out(args)
     check_arguments(batch_size=args.batch_size or None, min_agreement=args.min_agreement)
     if args.data.endswith(".npy"):
         if not os.path.isfile(args.data):
@@ -166,6 +134,40 @@ def check_cli_arguments(args: argparse.Namespace) -> str:
             raise ValueError(f"--data must be one of {', '.join(DATASETS)} or a .npy file, "
                              f"got {args.data!r}.")
     return runtime
+
+
+def output_files(args: argparse.Namespace) -> List[str]:
+    """The files ``tfqreg export`` writes into ``--out``."""
+    base = args.name or os.path.splitext(os.path.basename(os.path.normpath(args.model)))[0]
+    if args.target == "micro":
+        names = [f"{base}{s}" for s in (".tflite", "_model_data.cc", "_model_data.h",
+                                           "_micro.json")]
+    else:
+        names = [f"{base}.tflite", f"{base}.json"]
+        if args.target == "edgetpu":
+            names.append(f"{base}_edgetpu.json")
+    return [os.path.join(args.out, n) for n in names]
+
+
+def _check_out(args: argparse.Namespace) -> None:
+    """``--out``: a folder that exists and is writable or can be made; existing output files
+    only with ``--overwrite``."""
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {out!r} is a file; give a folder.")
+    if os.path.isdir(out):
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out!r} is not writable.")
+    else:
+        parent = os.path.dirname(os.path.abspath(out))
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+            raise ValueError(f"--out {out!r}: cannot create it in {parent!r}.")
+    existing = [p for p in output_files(args) if os.path.exists(p)]
+    if existing and not getattr(args, "overwrite", False):
+        raise ValueError(f"--out: {', '.join(repr(p) for p in existing)} exist(s); pass "
+                         "--overwrite to replace.")
 
 
 def _cli_data(args: argparse.Namespace,
@@ -203,13 +205,14 @@ def _export(args: argparse.Namespace) -> str:
     if target == "tflite":
         res = to_tflite(model, mode=args.mode, batch_size=batch, check=check, sample=sample,
                         path=tflite_path, min_agreement=args.min_agreement,
-                        representative_data=rep if lowbit else None, **bits)
+                        representative_data=rep if lowbit else None, overwrite=args.overwrite,
+                        **bits)
         return res.report.to_text() + (_weights_text(res.flatbuffer) if lowbit else "") + \
             f"\nwrote {tflite_path}"
     if target in ("int8", "edgetpu"):
         res = to_tflite(model, mode="int8", representative_data=rep, io_dtype=args.io_dtype,
                         batch_size=batch, check=check, sample=sample, path=tflite_path,
-                        min_agreement=args.min_agreement, **bits)
+                        min_agreement=args.min_agreement, overwrite=args.overwrite, **bits)
         text = res.report.to_text() + (_weights_text(res.flatbuffer) if lowbit else "") + \
             f"\nwrote {tflite_path}"
         if target == "edgetpu":
@@ -223,11 +226,19 @@ def _export(args: argparse.Namespace) -> str:
         res = to_micro(model, rep, args.out, name=base, io_dtype=args.io_dtype or "int8",
                        check=check, sample=sample, arena_margin=(args.arena_margin, 0.10),
                        min_agreement=args.min_agreement,
-                       weight_bits=args.weight_bits if lowbit else None)
+                       weight_bits=args.weight_bits if lowbit else None,
+                       overwrite=args.overwrite)
         return res.to_text() + (_weights_text(res.flatbuffer) if lowbit else "")
     res = to_lce(model, batch_size=batch, check=check, sample=sample, path=tflite_path,
-                 min_agreement=args.min_agreement)
+                 min_agreement=args.min_agreement, overwrite=args.overwrite)
     return res.report.to_text() + f"\nwrote {tflite_path}"
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    first = text.splitlines()[0] if text else type(e).__name__
+    return first if isinstance(e, (ValueError, TypeError, ConversionError)) else \
+        f"{type(e).__name__}: {first}"
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -239,8 +250,8 @@ def run_cli(args: argparse.Namespace) -> int:
         print(e.report.to_text(), file=sys.stdout)
         print(f"tfqreg export: parity check failed: {e}", file=sys.stderr)
         return 1
-    except (FileNotFoundError, ValueError, TypeError, ConversionError) as e:
-        print(f"tfqreg export: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, TypeError, ConversionError) as e:  # OSError: files, folders
+        print(f"tfqreg export: error: {_one_line(e)}", file=sys.stderr)
         return 2
     print(text)
     return 0

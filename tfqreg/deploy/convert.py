@@ -68,14 +68,15 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from tfqreg._keras import check_keras2, keras, tf
-from tfqreg.deploy.report import ExportReport, ExportResult
+from tfqreg.deploy.report import ExportReport, ExportResult, check_overwrite
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, input_specs, measure_parity,
                                    sample_inputs, static_model, to_samples)
 from tfqreg.deploy.tflite_file import TfliteGraph, read_tflite
 
 __all__ = ["MODES", "IO_DTYPES", "ConversionError", "ParityError", "check_arguments",
-           "explain_converter_error", "finish_export", "to_tflite", "to_lce", "load_model"]
+           "check_path", "explain_converter_error", "finish_export", "keras_names", "to_tflite",
+           "to_lce", "load_model"]
 
 MODES = ("float", "dynamic", "int8")
 IO_DTYPES = ("int8", "uint8", "float32")
@@ -139,6 +140,25 @@ def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
     _checks.check_bool("allow_float_ops", allow_float_ops)
     if calibration_samples is not None:
         _checks.check_int("calibration_samples", calibration_samples, low=1)
+
+
+def check_path(path: Any, overwrite: bool) -> None:
+    """``path`` (``None``, or a file name for the ``.tflite`` and its ``.json`` report) and
+    ``overwrite``, checked before any work.
+
+    Raises:
+        TypeError: ``path`` is not a string / path, ``overwrite`` not a bool.
+        FileExistsError / IsADirectoryError: see
+            :func:`~tfqreg.deploy.report.check_overwrite`.
+    """
+    if path is None:
+        if not isinstance(overwrite, bool):
+            raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a file name, got {type(path).__name__} {path!r}.")
+    path = os.fspath(path)
+    check_overwrite("path", [path, os.path.splitext(path)[0] + ".json"], overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,7 +266,7 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
     params = model.count_params() if keras_params is None else keras_params
     report = ExportReport.from_flatbuffer(flatbuffer, params, target, mode,
                                           io_dtype, batch_size, list(notes), extra)
-    result = ExportResult(flatbuffer, report)
+    result = ExportResult(flatbuffer, report, None, *keras_names(model, flatbuffer))
     if check:
         report.parity = measure_parity(model, Runner(flatbuffer, backend), sample_xs, mode,
                                        atol, min_agreement, reference=reference)
@@ -257,6 +277,32 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
             f"{target} ({mode}) model does not match {reference}: {report.parity.to_text()}. The "
             "model and the report are in `.report`; pass check=False to skip the check.", report)
     return result
+
+
+def keras_names(model: Any, flatbuffer: bytes):
+    """``(input_names, output_names)``: the Keras model's inputs and outputs in Keras' order,
+    for :class:`~tfqreg.deploy.report.ExportResult` to match a list of arrays by name (the
+    converter may reorder inputs). ``None`` for a side with one tensor or names the file does
+    not carry.
+
+    Raises:
+        ConversionError: a multi-input model whose input names the file does not carry (its
+            inputs could not be matched).
+    """
+    graph = read_tflite(flatbuffer)
+    have_in = [graph.input_name(k) for k in range(len(graph.inputs))]
+    want_in = [s.name for s in input_specs(model)]
+    inputs = None
+    if len(want_in) > 1:
+        if sorted(have_in) != sorted(want_in):
+            raise ConversionError(f"the converted model's inputs {have_in} are not the Keras "
+                                  f"model's {want_in}: inputs cannot be matched by name.")
+        inputs = want_in
+    want_out = list(getattr(model, "output_names", None) or [])
+    outputs = None
+    if len(want_out) > 1 and sorted(graph.signature_outputs) == sorted(want_out):
+        outputs = want_out
+    return inputs, outputs
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,6 +346,7 @@ def to_tflite(
     weight_bits: Optional[int] = None,
     runtime: str = "litert",
     per_channel: bool = True,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Convert a Keras model to TFLite and check it against Keras in the LiteRT interpreter.
 
@@ -329,6 +376,8 @@ def to_tflite(
             what is refused, the Dense granularity, and where the parity check runs.
         per_channel: for ``weight_bits`` 4 / 2: per-output-channel steps (default; ``Dense``
             stays per tensor on TFLite Micro) or one step per kernel.
+        overwrite: replace an existing ``path`` (and its JSON report); otherwise an existing
+            file is refused before the conversion starts.
 
     Returns:
         An :class:`~tfqreg.deploy.report.ExportResult`.
@@ -337,11 +386,13 @@ def to_tflite(
         ConversionError: the converter failed (names the op where it can), or an int8 model
             still computes some op in float.
         ParityError: ``check`` is on and the TFLite model does not match Keras.
+        FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
     check_keras2(model, "model", keras.Model)
     io_dtype = io_dtype or ("int8" if mode == "int8" else "float32")
     check_arguments(mode, io_dtype, batch_size, representative_data, min_agreement, atol, check,
                     allow_float_ops, calibration_samples)
+    check_path(path, overwrite)
     if weight_bits not in (None, 8):
         return _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check,
                           sample, path, min_agreement, calibration_samples, weight_bits,
@@ -360,9 +411,12 @@ def to_tflite(
         b = batch_size or 1
         n = len(rep_xs[0]) // b * b or len(rep_xs[0])
 
-        def representative():
+        names = [s.name for s in specs]
+
+        def representative():  # by input name: the converter may reorder the inputs
             for start in range(0, n, b):
-                yield [a[start:start + b] for a in rep_xs]
+                batch = [a[start:start + b] for a in rep_xs]
+                yield dict(zip(names, batch)) if len(batch) > 1 else batch
 
         conv.representative_dataset = representative
         conv.target_spec.supported_ops = (
@@ -505,6 +559,7 @@ def to_lce(
     path: Optional[str] = None,
     min_agreement: float = 0.99,
     atol: float = 1e-5,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Convert a Larq BNN with Larq Compute Engine and check it in LCE's interpreter.
 
@@ -522,7 +577,7 @@ def to_lce(
         model: a built ``tf_keras`` model with larq layers.
         io_dtype: ``"float32"`` (default) or ``"int8"`` (int8 inputs/outputs; needs
             fake-quantized boundaries in the model).
-        batch_size, check, sample, path: as in :func:`to_tflite`.
+        batch_size, check, sample, path, overwrite: as in :func:`to_tflite`.
         min_agreement: minimum top-1 agreement with Keras.
         atol: only reported (binary networks amplify float rounding near sign thresholds).
 
@@ -537,6 +592,7 @@ def to_lce(
     if io_dtype not in ("float32", "int8"):
         raise ValueError(f"`io_dtype` must be 'float32' or 'int8' for LCE, got {io_dtype!r}.")
     check_arguments(None, None, batch_size, None, min_agreement, atol)
+    check_path(path, overwrite)
     import larq_compute_engine as lce
 
     specs = input_specs(model)

@@ -44,15 +44,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from tfqreg import _checks
 from tfqreg._keras import check_keras2, keras
 from tfqreg.deploy.convert import ConversionError, ParityError, simulated_reference, to_tflite
-from tfqreg.deploy.report import ExportReport
+from tfqreg.deploy.report import ExportReport, check_overwrite
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, CHECK_SAMPLES, input_specs,
                                   measure_parity, sample_inputs, to_samples)
 from tfqreg.deploy.tflite_file import TfliteGraph, as_flatbuffer, read_tflite
 
-__all__ = ["OP_RESOLVER_METHODS", "MicroResult", "measure_arena", "micro_runs_with",
+__all__ = ["OP_RESOLVER_METHODS", "MAX_ARENA_MARGIN", "MAX_ARENA_FRACTION", "MicroResult",
+           "measure_arena", "micro_runs_with",
            "resolver_methods", "c_source", "to_micro"]
 
 # TFLite builtin operator -> tflite::MicroMutableOpResolver method, transcribed from
@@ -95,13 +97,23 @@ OP_RESOLVER_METHODS: Dict[str, str] = {
 _ARENA_TOTAL = re.compile(r"Arena allocation total (\d+) bytes")
 
 
+MAX_ARENA_MARGIN = 1 << 26
+"""Largest fixed arena margin, 64 MiB (microcontrollers have kilobytes to a few MiB of RAM)."""
+MAX_ARENA_FRACTION = 10.0
+"""Largest fractional arena margin (+1000 % of the measured arena)."""
+
+
 def _check_args(name: str, arena_margin: Any, io_dtype: str) -> None:
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
         raise ValueError(f"`name` must be a C identifier (letters, digits, _), got {name!r}.")
-    if (not isinstance(arena_margin, (tuple, list)) or len(arena_margin) != 2
-            or not float(arena_margin[0]) >= 0 or not float(arena_margin[1]) >= 0):
-        raise ValueError("`arena_margin` must be (fixed_bytes >= 0, fraction >= 0), got "
-                         f"{arena_margin!r}.")
+    if not isinstance(arena_margin, (tuple, list)) or len(arena_margin) != 2:
+        raise TypeError("`arena_margin` must be a pair (fixed_bytes, fraction), got "
+                        f"{arena_margin!r}.")
+    fixed, fraction = arena_margin
+    if isinstance(fixed, (float, np.floating)) and float(fixed).is_integer():
+        fixed = int(fixed)  # (1024.0, 0.1) is a whole number of bytes
+    _checks.check_int("arena_margin[0] (fixed bytes)", fixed, low=0, high=MAX_ARENA_MARGIN)
+    _checks.check_real("arena_margin[1] (fraction)", fraction, low=0.0, high=MAX_ARENA_FRACTION)
     if io_dtype not in ("int8", "uint8"):
         raise ValueError(f"`io_dtype` must be 'int8' or 'uint8' for microcontrollers, got "
                          f"{io_dtype!r}.")
@@ -383,6 +395,7 @@ def to_micro(
     sample: Any = None,
     min_agreement: float = 0.99,
     weight_bits: Optional[int] = None,
+    overwrite: bool = False,
 ) -> MicroResult:
     """Export ``model`` for TensorFlow Lite Micro (see the module docstring).
 
@@ -392,7 +405,8 @@ def to_micro(
         out_dir: folder for ``<name>.tflite``, ``<name>_model_data.cc/.h`` and
             ``<name>_micro.json``.
         name: C identifier used in file and symbol names.
-        arena_margin: ``(fixed_bytes, fraction)`` added to the measured arena.
+        arena_margin: ``(fixed_bytes, fraction)`` added to the measured arena: whole bytes in
+            ``[0, 64 MiB]`` (:data:`MAX_ARENA_MARGIN`) and a fraction in ``[0, 10]``.
         io_dtype: ``"int8"`` or ``"uint8"`` inputs/outputs.
         check: top-1 agreement with Keras in LiteRT and in TFLite Micro; below
             ``min_agreement`` raises :class:`tfqreg.deploy.convert.ParityError`.
@@ -403,6 +417,8 @@ def to_micro(
             :func:`tfqreg.deploy.convert.to_tflite`): the checks then compare with the
             simulated model ``tfqreg.ptq.quantize(model, 4, activation_bits=8,
             per_channel="conv")``. TFLite Micro has no INT2 kernels: ``2`` is refused.
+        overwrite: replace existing ``<name>.*`` files in ``out_dir``; otherwise they are
+            refused before the conversion starts.
 
     Returns:
         A :class:`MicroResult` (also written as ``<name>_micro.json``).
@@ -410,9 +426,23 @@ def to_micro(
     Raises:
         ConversionError: an op TFLite Micro cannot run, or any int8 conversion error.
         ParityError: a check failed.
+        FileExistsError: an output file exists and ``overwrite`` is false.
+        ValueError / TypeError: an argument out of range or of the wrong type (named).
     """
     check_keras2(model, "model", keras.Model)
     _check_args(name, arena_margin, io_dtype)
+    if not isinstance(out_dir, (str, os.PathLike)):
+        raise TypeError(f"`out_dir` must be a folder name, got {type(out_dir).__name__} "
+                        f"{out_dir!r}.")
+    out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(f"`out_dir` {out_dir!r} is a file, not a folder.")
+    check_overwrite("out_dir", [os.path.join(out_dir, f"{name}{suffix}") for suffix in (
+        ".tflite", "_model_data.cc", "_model_data.h", "_micro.json")], overwrite)
+    dynamic = [s.name for s in input_specs(model) if None in s.shape.as_list()[1:]]
+    if dynamic:
+        raise ValueError(f"`model` input(s) {dynamic} have axes of unknown size: TFLite Micro "
+                         "needs static shapes; build the model on keras.Input(shape=(H, W, C)).")
     low_bit = weight_bits not in (None, 8)
     label = "the simulated model" if low_bit else "Keras"  # what the checks compare with
     # A low-bit to_tflite(runtime="micro") checks in TFLite Micro; the LiteRT check is made here

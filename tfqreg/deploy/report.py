@@ -13,14 +13,14 @@ import gzip
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.tflite_file import read_tflite
 
-__all__ = ["ParityReport", "ExportReport", "ExportResult"]
+__all__ = ["ParityReport", "ExportReport", "ExportResult", "check_overwrite"]
 
 
 @dataclass
@@ -177,16 +177,48 @@ class ExportReport:
         return self.to_text()
 
 
+def check_overwrite(name: str, paths: Sequence[str], overwrite: bool) -> None:
+    """Refuse to replace existing files unless ``overwrite`` (checked before any work).
+
+    Args:
+        name: the argument the paths come from, for the message.
+        paths: the files that would be written.
+        overwrite: replace them.
+
+    Raises:
+        FileExistsError: a file exists and ``overwrite`` is false (one line, naming ``name``).
+        IsADirectoryError: a path is an existing folder.
+        TypeError: ``overwrite`` is not a bool.
+    """
+    if not isinstance(overwrite, (bool, np.bool_)):
+        raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
+    for p in paths:
+        if os.path.isdir(p):
+            raise IsADirectoryError(f"`{name}` {p!r} is a folder; give a file name.")
+    existing = [p for p in paths if os.path.exists(p)]
+    if existing and not overwrite:
+        raise FileExistsError(f"`{name}`: {', '.join(repr(p) for p in existing)} already "
+                              "exist(s); pass overwrite=True (--overwrite) to replace.")
+
+
 @dataclass
 class ExportResult:
-    """A converted model: ``flatbuffer`` bytes, ``path`` if written, and its ``report``."""
+    """A converted model: ``flatbuffer`` bytes, ``path`` if written, and its ``report``.
+
+    ``input_names`` / ``output_names`` are the Keras model's inputs and outputs in Keras' order
+    (``None``: the file's order), so :meth:`predict` takes a list of inputs in the order the
+    Keras model does even when the converter reordered them.
+    """
 
     flatbuffer: bytes
     report: ExportReport
     path: Optional[str] = None
+    input_names: Optional[List[str]] = None
+    output_names: Optional[List[str]] = None
 
     def save(self, path: str) -> str:
-        """Write the ``.tflite`` file and ``<path without .tflite>.json`` (the report).
+        """Write the ``.tflite`` file and ``<path without .tflite>.json`` (the report),
+        replacing them (the converters' ``overwrite`` check is :func:`check_overwrite`).
 
         Returns:
             ``path`` (also stored in ``self.path``).
@@ -204,11 +236,13 @@ class ExportResult:
         """Run the flatbuffer on ``x`` (float in, float out) with :class:`Runner`.
 
         Args:
-            x: an array (or a list of arrays, one per input), batch first.
+            x: an array, or for several inputs a list of arrays in the Keras model's input
+                order or a dict ``{input name: array}``; batch first.
             backend: default ``"lce"`` for LCE models, else ``"litert"``.
         """
         backend = backend or ("lce" if self.report.target == "lce" else "litert")
-        return Runner(self.flatbuffer, backend).predict(x)
+        return Runner(self.flatbuffer, backend, input_names=self.input_names,
+                      output_names=self.output_names).predict(x)
 
     def to_text(self) -> str:
         """The report as text."""

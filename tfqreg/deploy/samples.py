@@ -25,7 +25,7 @@ from tfqreg.deploy.report import ParityReport
 from tfqreg.deploy.runtime import Runner
 
 __all__ = ["CALIBRATION_SAMPLES", "CHECK_SAMPLES", "input_specs", "to_samples", "static_model",
-           "sample_inputs", "keras_outputs", "measure_parity"]
+           "sample_inputs", "keras_outputs", "named_inputs", "keras_order", "measure_parity"]
 
 CALIBRATION_SAMPLES = 500
 """Representative samples used for calibration by default."""
@@ -57,7 +57,8 @@ def to_samples(data: Any, specs: Sequence[tf.TensorSpec], name: str,
     """Normalise user data to one float32 array per model input, shaped ``(N, *input_shape)``.
 
     Args:
-        data: an array (single input), a list/tuple of arrays (one per input), a
+        data: an array (single input), a list/tuple of arrays (one per input, in Keras'
+            order) or a dict of them by input name, a
             ``tf.data.Dataset`` of batches or single samples (``x`` or ``(x, y)``) or a callable
             returning an iterable of such items (the TFLite ``representative_dataset``
             protocol).
@@ -73,6 +74,13 @@ def to_samples(data: Any, specs: Sequence[tf.TensorSpec], name: str,
             expected shape).
         TypeError: an unsupported form of data, or integer values.
     """
+    if isinstance(data, dict) and data and all(
+            isinstance(d, (np.ndarray, tf.Tensor)) for d in data.values()):
+        names = [s.name for s in specs]
+        if set(data) != set(names):
+            raise ValueError(f"`{name}` has the inputs {sorted(data)}, but the model's inputs "
+                             f"are {names}.")
+        data = [data[n] for n in names]
     if isinstance(data, (np.ndarray, tf.Tensor)) or (
         isinstance(data, (list, tuple)) and data and all(
             isinstance(d, (np.ndarray, tf.Tensor)) for d in data) and len(specs) > 1
@@ -122,13 +130,20 @@ def to_samples(data: Any, specs: Sequence[tf.TensorSpec], name: str,
                 f"`{name}` has shape {tuple(a.shape)}, but the model input '{spec.name}' expects "
                 f"{_expected(spec)} (a batch of samples shaped {tuple(want)})."
             )
-        if a.dtype.kind not in "f":
+        target = np.float32
+        if spec.dtype.is_integer:  # token ids and the like: TFLite does not quantize them
+            if a.dtype.kind not in "iub":
+                raise TypeError(
+                    f"`{name}` has dtype {a.dtype}, but the model input '{spec.name}' takes "
+                    f"{spec.dtype.name} values (e.g. token ids) shaped {_expected(spec)}.")
+            target = spec.dtype.as_numpy_dtype
+        elif a.dtype.kind not in "f":
             raise TypeError(
                 f"`{name}` has dtype {a.dtype}, but the model input '{spec.name}' expects float32 "
                 f"values shaped {_expected(spec)} (scale integer images to floats the way the "
                 f"model was trained, e.g. x / 255)."
             )
-        out.append(a[:limit].astype(np.float32) if limit is not None else a.astype(np.float32))
+        out.append(a[:limit].astype(target) if limit is not None else a.astype(target))
     if len(out[0]) == 0:
         raise ValueError(f"`{name}` is empty.")
     return out
@@ -158,6 +173,14 @@ def sample_inputs(specs: Sequence[tf.TensorSpec], sample: Any,
         return to_samples(sample, specs, name, None)
     if representative is not None:
         return [a[:CHECK_SAMPLES] for a in representative]
+    for s in specs:
+        if s.dtype.is_integer or None in s.shape.as_list()[1:]:
+            what = (f"takes {s.dtype.name} values" if s.dtype.is_integer else
+                    f"has axes of unknown size {_expected(s)}")
+            raise ValueError(
+                f"`{name}` is needed for the parity check: the model input '{s.name}' {what}, "
+                "so tfqreg cannot make up inputs for it. Pass typical inputs as `sample` (or "
+                "`representative_data`), or check=False.")
     rng = np.random.default_rng(0)
     return [rng.uniform(0, 1, size=[64] + [d or 1 for d in s.shape.as_list()[1:]])
             .astype(np.float32) for s in specs]
@@ -167,6 +190,36 @@ def keras_outputs(model: Any, xs: List[np.ndarray]) -> List[np.ndarray]:
     """``model.predict`` on ``xs`` (one array per input), as a list of float32 arrays."""
     y = model.predict(xs if len(xs) > 1 else xs[0], batch_size=256, verbose=0)
     return [np.asarray(a, np.float32) for a in (y if isinstance(y, (list, tuple)) else [y])]
+
+
+def named_inputs(model: Any, runner: Any, xs: List[np.ndarray]) -> Any:
+    """``xs`` (in Keras' input order) as ``runner.predict`` takes them: a dict by input name
+    when the model has several inputs, since the converter may order them differently
+    (``meta`` before ``img``).
+
+    Raises:
+        ValueError: the runner's input names are not the model's (inputs cannot be matched).
+    """
+    names = [s.name for s in input_specs(model)]
+    have = getattr(runner, "input_names", None)
+    if len(xs) < 2 or have is None:
+        return xs
+    if sorted(have) != sorted(names):
+        raise ValueError(f"the converted model's inputs {have} are not the Keras model's "
+                         f"inputs {names}, so they cannot be matched by name.")
+    return dict(zip(names, xs))
+
+
+def keras_order(model: Any, runner: Any, got: List[np.ndarray]) -> List[np.ndarray]:
+    """``runner``'s outputs (file order) in Keras' ``model.output_names`` order, matched by
+    name (unchanged when the names do not all match, or for one output)."""
+    have = getattr(runner, "output_names", None)
+    want = list(getattr(model, "output_names", None) or [])
+    if len(got) < 2 or not have or sorted(have) != sorted(want) or \
+            getattr(runner, "_out_order", None) is not None:
+        return got
+    by_name = dict(zip(have, got))
+    return [by_name[n] for n in want]
 
 
 def measure_parity(model: Any, runner: Runner, xs: List[np.ndarray], mode: str, atol: float,
@@ -190,8 +243,9 @@ def measure_parity(model: Any, runner: Runner, xs: List[np.ndarray], mode: str, 
         A :class:`~tfqreg.deploy.report.ParityReport`.
     """
     want = keras_outputs(model, xs)
-    got = runner.predict(xs)
+    got = runner.predict(named_inputs(model, runner, xs))
     got = got if isinstance(got, list) else [got]
+    got = keras_order(model, runner, got)
     diffs = [np.abs(g.reshape(w.shape) - w) for g, w in zip(got, want)]
     max_diff = float(max(d.max() for d in diffs))
     mean_diff = float(np.mean(np.concatenate([d.ravel() for d in diffs])))

@@ -125,6 +125,10 @@ class TfliteGraph:
         outputs: indices of the model outputs.
         num_subgraphs: how many subgraphs the file has (only the first is read).
         size_bytes: size of the flatbuffer.
+        signature_inputs: the first signature's input names -> tensor indices (empty when the
+            file has no signature). The converter may order ``inputs`` differently from Keras
+            (``meta`` before ``img``); these names are the Keras input names.
+        signature_outputs: the same for the outputs.
     """
 
     ops: List[OpInfo]
@@ -133,6 +137,19 @@ class TfliteGraph:
     outputs: List[int]
     num_subgraphs: int
     size_bytes: int
+    signature_inputs: Dict[str, int] = field(default_factory=dict)
+    signature_outputs: Dict[str, int] = field(default_factory=dict)
+
+    def input_name(self, position: int) -> str:
+        """The name of model input ``position`` (in file order): its signature name, else its
+        tensor name without the converter's ``serving_default_`` prefix and ``:0`` suffix."""
+        index = self.inputs[position]
+        for name, i in self.signature_inputs.items():
+            if i == index:
+                return name
+        name = self.tensors[index].name
+        name = name[len("serving_default_"):] if name.startswith("serving_default_") else name
+        return name.rsplit(":", 1)[0]
 
     @property
     def op_names(self) -> List[str]:
@@ -232,11 +249,19 @@ def _graph(data: bytes) -> TfliteGraph:
                    if isinstance(v, (bool, int, float))} if opts is not None else {}
         ops.append(OpInfo(i, name, custom, int(code.version), _ints(op.inputs),
                           _ints(op.outputs), options))
+    sig_in: Dict[str, int] = {}
+    sig_out: Dict[str, int] = {}
+    for sd in (m.signatureDefs or [])[:1]:
+        if int(getattr(sd, "subgraphIndex", 0) or 0) == 0:
+            sig_in = {_decode(t.name): int(t.tensorIndex) for t in (sd.inputs or [])}
+            sig_out = {_decode(t.name): int(t.tensorIndex) for t in (sd.outputs or [])}
     graph = TfliteGraph(ops, tensors, _ints(sg.inputs), _ints(sg.outputs), len(m.subgraphs),
-                        len(data))
+                        len(data), sig_in, sig_out)
     n = len(tensors)
     for where, indices, optional in [("model inputs", graph.inputs, False),
-                                     ("model outputs", graph.outputs, False)] + \
+                                     ("model outputs", graph.outputs, False),
+                                     ("the signature", list(sig_in.values())
+                                      + list(sig_out.values()), False)] + \
             [(f"op {op.index} ({op.name})", op.inputs + op.outputs, True) for op in ops]:
         bad = [k for k in indices if not (-1 if optional else 0) <= k < n]
         if bad:
