@@ -31,6 +31,10 @@ def np_smax(w, a):
     return float((e * w).sum() / e.sum())
 
 
+def np_rms(w):
+    return float(np.sqrt(np.mean(np.square(np.asarray(w, np.float64)))))
+
+
 def np_quantize(w, step, bits, narrow=False):
     if bits == 1:
         return step * np.where(w >= 0, 1.0, -1.0)
@@ -117,13 +121,13 @@ def test_foothill_limits():
 
 # ------------------------------------------------------------------------------ L-inf
 def test_linf_value_and_gradient(w):
-    value, (g,) = value_and_grads(R.LInf(0.2), w)
+    value, (g,) = value_and_grads(R.LInf(0.2, normalize="none"), w)
     np.testing.assert_allclose(value, 0.2 * np.abs(w).max(), rtol=1e-15)
     expected = np.zeros_like(w)
     i = np.unravel_index(np.abs(w).argmax(), w.shape)
     expected[i] = 0.2 * np.sign(w[i])
     np.testing.assert_allclose(g, expected)
-    np.testing.assert_allclose(g, finite_diff(R.LInf(0.2), [w], 0), atol=1e-8)
+    np.testing.assert_allclose(g, finite_diff(R.LInf(0.2, normalize="none"), [w], 0), atol=1e-8)
 
 
 def test_linf_gradient_shared_by_tied_maxima():
@@ -185,6 +189,129 @@ def test_soft_min_max_tends_to_max_minus_min(w):
     assert float(R.soft_min_max_penalty(t64(w), 1e-8, eta=1.0)) == pytest.approx(1.0, abs=1e-6)
     # soft max alone
     assert float(R.soft_max(t64(w), 1e4)) == pytest.approx(w.max(), abs=1e-12)
+
+
+# ------------------------------------------------------------------------------ normalize="scale"
+def np_scale_chain(w, g_u):
+    """Gradient w.r.t. w of R(w / rms(w)) given g_u = dR/du at u = w/rms(w) (NumPy closed form:
+    du_j/dw_i = (δ_ij − u_i u_j / N) / rms)."""
+    r = np_rms(w)
+    u = w / r
+    return (g_u - u * (g_u * u).sum() / w.size) / r
+
+
+def test_scale_normalized_is_w_over_rms(w):
+    value, (g,) = value_and_grads(lambda t: tf.reduce_sum(R.scale_normalized(t) * t64(w)), w)
+    r = np_rms(w)
+    np.testing.assert_allclose(R.scale_normalized(t64(w)).numpy(), w / r, rtol=1e-14)
+    np.testing.assert_allclose(float(R.rms(t64(w))), r, rtol=1e-14)
+    np.testing.assert_allclose(g, np_scale_chain(w, w), rtol=1e-10, atol=1e-12)
+    # all zeros stays zeros (no 0/0), with a zero gradient
+    z = R.scale_normalized(tf.zeros([3]))
+    assert z.numpy().tolist() == [0.0, 0.0, 0.0]
+    # overflow-safe: rms of weights whose squares overflow float32
+    big = tf.constant([3e30, -4e30], tf.float32)
+    np.testing.assert_allclose(float(R.rms(big)), np.sqrt(12.5) * 1e30, rtol=1e-6)
+
+
+def test_linf_scale_value_and_gradient(w):
+    reg = R.LInf(0.2)  # normalize="scale" is the default
+    assert reg.normalize == "scale"
+    value, (g,) = value_and_grads(reg, w)
+    r = np_rms(w)
+    np.testing.assert_allclose(value, 0.2 * np.abs(w).max() / r, rtol=1e-13)
+    # closed form: l · [sign(w_k) e_k / rms − max|w| · w / (N rms³)], k = argmax |w|
+    k = np.unravel_index(np.abs(w).argmax(), w.shape)
+    expected = -0.2 * np.abs(w).max() * w / (w.size * r ** 3)
+    expected[k] += 0.2 * np.sign(w[k]) / r
+    np.testing.assert_allclose(g, expected, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(g, finite_diff(reg, [w], 0), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("power,gamma", [(2.0, 1.0), (1.5, 0.3)])
+def test_margin_scale_value_and_gradient(w, power, gamma):
+    reg = R.Margin(0.3, power=power, margin_weight=gamma, margin=1.2)
+    value, (g,) = value_and_grads(reg, w)   # detached: M = the given initial margin
+    u = w / np_rms(w)
+    excess = np.maximum(np.abs(u) - 1.2, 0)
+    assert excess.max() > 0  # the test exercises the relu branch
+    np.testing.assert_allclose(value, 0.3 * ((excess ** power).sum() + gamma * 1.2), rtol=1e-12)
+    g_u = 0.3 * power * excess ** (power - 1) * np.sign(u)
+    np.testing.assert_allclose(g, np_scale_chain(w, g_u), rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(g, finite_diff(reg, [w], 0), rtol=1e-5, atol=1e-9)
+
+
+def test_soft_min_max_scale_value_and_gradient(w):
+    reg = R.SoftMinMax(0.4, eta=0.7, hardness=3.0)
+    value, (g,) = value_and_grads(reg, w)
+    u = (w / np_rms(w)).ravel()
+    smax, smin = np_smax(u, 3.0), -np_smax(-u, 3.0)
+    np.testing.assert_allclose(value, 0.4 * (smax - smin + 0.7 * np.exp(-3.0)), rtol=1e-12)
+    p = np.exp(3.0 * u - (3.0 * u).max()); p /= p.sum()
+    q = np.exp(-3.0 * u - (-3.0 * u).max()); q /= q.sum()
+    g_u = 0.4 * (p * (1 + 3.0 * (u - smax)) - q * (1 - 3.0 * (u - smin)))
+    np.testing.assert_allclose(g.ravel(), np_scale_chain(w.ravel(), g_u), rtol=1e-9, atol=1e-13)
+    np.testing.assert_allclose(g, finite_diff(reg, [w], 0), rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("make", [lambda: R.LInf(0.3), lambda: R.Margin(0.3, margin=1.5),
+                                  lambda: R.SoftMinMax(0.3, hardness=2.0)],
+                         ids=["linf", "margin", "soft_min_max"])
+def test_scale_normalized_penalty_is_scale_free(w, make, caplog):
+    reg = make()
+    value, (g,) = value_and_grads(reg, w)
+    for c in (1e-3, 7.0, 1e4):
+        np.testing.assert_allclose(float(reg(t64(c * w))), value, rtol=1e-12)
+        _, (gc,) = value_and_grads(reg, c * w)
+        np.testing.assert_allclose(gc, g / c, rtol=1e-9, atol=1e-12)  # homogeneous of degree -1
+    # Euler: the gradient is orthogonal to w, so the penalty never shrinks the tensor
+    assert abs((g * w).sum()) < 1e-12 * np.abs(g).sum() * np.abs(w).max()
+    # the old meaning is the raw penalty, which does scale
+    raw = type(reg).from_config({**reg.get_config(), "normalize": "none"})
+    assert float(raw(t64(7.0 * w))) > float(raw(t64(w)))
+
+
+def test_scale_normalized_penalty_of_the_folded_kernel():
+    # a Conv + BatchNorm: the penalty is l · max|w'| / rms(w'), w' = w·γ/√(σ²+ε)
+    inp = keras.Input((6, 6, 2))
+    h = keras.layers.Conv2D(4, 3, use_bias=False, kernel_regularizer=R.LInf(0.5), name="conv")(inp)
+    h = keras.layers.BatchNormalization(name="bn")(h)
+    model = keras.Model(inp, h)
+    bn = model.get_layer("bn")
+    rng = np.random.default_rng(4)
+    bn.gamma.assign(rng.uniform(0.2, 3.0, 4).astype(np.float32))
+    bn.moving_variance.assign(rng.uniform(0.1, 4.0, 4).astype(np.float32))
+    k = model.get_layer("conv").kernel.numpy().astype(np.float64)
+    folded = k * bn.gamma.numpy() / np.sqrt(bn.moving_variance.numpy() + bn.epsilon)
+    assert float(model.losses[0]) == pytest.approx(0.5 * np.abs(folded).max() / np_rms(folded),
+                                                   rel=1e-5)
+    # scaling all of γ by a constant leaves it unchanged: only the per-channel spread counts
+    bn.gamma.assign(bn.gamma * 5.0)
+    assert float(model.losses[0]) == pytest.approx(0.5 * np.abs(folded).max() / np_rms(folded),
+                                                   rel=1e-5)
+
+
+@pytest.mark.parametrize("cls", [R.LInf, R.Margin, R.SoftMinMax])
+def test_config_without_normalize_loads_with_the_old_meaning(cls):
+    # a config saved before `normalize` existed meant the raw penalty: it must train the same
+    old = {"l": 0.05, "fold_batchnorm": True}
+    reg = cls.from_config(old)
+    assert reg.normalize == "none"
+    restored = keras.regularizers.deserialize(
+        {"class_name": f"tfqreg>{cls.__name__}", "config": old})
+    assert restored.normalize == "none"
+    assert cls().normalize == "scale" and cls().get_config()["normalize"] == "scale"
+    x = tf.constant([[0.5, -2.0], [1.0, 0.25]])
+    if cls is R.LInf:
+        assert float(restored(x)) == pytest.approx(0.05 * 2.0)
+
+
+def test_default_strengths_are_documented():
+    # the defaults in the signatures are the ones the module docstring and README state
+    for cls, alias in ((R.LInf, "linf"), (R.Margin, "margin"), (R.SoftMinMax, "soft_min_max")):
+        default = cls().l
+        assert f"``{cls.__name__}(l={default:g}" in R.__doc__, (cls, default)
+    assert f"``Foothill(l={R.Foothill().l:g}" in R.__doc__
 
 
 # ------------------------------------------------------------------------------ MSQE
@@ -293,7 +420,8 @@ def test_finite_loss_and_gradient_for_any_magnitude(name, fn, s0, scale):
 
 
 @pytest.mark.parametrize("reg", [R.MSQE(1.0, 2), R.PartialL2(1.0, 0.9),
-                                 R.Margin(1.0, margin=1.0)], ids=["msqe", "partial_l2", "margin"])
+                                 R.Margin(1.0, margin=1.0, normalize="none")],
+                         ids=["msqe", "partial_l2", "margin"])
 def test_quadratic_terms_saturate_at_float32_max(reg, caplog):
     w = tf.constant([[3e30, -1e29], [2e30, 5e29]], tf.float32)
     assert float(reg(w)) == F32_MAX  # true value ~1e60: saturates, documented
@@ -377,6 +505,9 @@ BAD_ARGS = [
     (R.PartialL2, dict(fraction=1.0), ValueError, "fraction"),
     (R.PartialL2, dict(fraction=1.5), ValueError, "fraction"),
     (R.PartialL2, dict(fraction="half"), TypeError, "fraction"),
+    (R.LInf, dict(normalize="max"), ValueError, "normalize"),
+    (R.Margin, dict(normalize=None), TypeError, "normalize"),
+    (R.SoftMinMax, dict(normalize=1), TypeError, "normalize"),
 ]
 
 
@@ -389,8 +520,11 @@ def test_bad_arguments_name_the_argument(cls, kwargs, exc, name):
 
 # ------------------------------------------------------------------------------ config, aliases
 CONFIGURED = [R.Foothill(0.02, alpha=0.5, beta=3.0, center=0.25), R.LInf(0.07),
+              R.LInf(0.07, normalize="none"),
               R.Margin(0.03, power=1.5, margin_weight=0.2, margin=0.4),
+              R.Margin(0.03, margin=0.4, normalize="none"),
               R.SoftMinMax(0.04, eta=0.5, hardness=7.0),
+              R.SoftMinMax(0.04, hardness=7.0, fold_batchnorm=False, normalize="none"),
               R.MSQE(0.5, bits=3, step=0.1, per_channel=True, narrow_range=True,
                      trainable_step=True),
               R.PartialL2(0.6, fraction=0.3)]
@@ -448,12 +582,15 @@ def _data(n=32, d=5, k=3, seed=0):
 
 
 @pytest.mark.parametrize("factory,suffix,init", [
-    (lambda: R.Margin(0.05), "margin", lambda k: np.abs(k).max()),
-    (lambda: R.SoftMinMax(0.05), "hardness", lambda k: 10.0 / np.abs(k).max()),
+    (lambda: R.Margin(0.05, normalize="none"), "margin", lambda k: np.abs(k).max()),
+    (lambda: R.SoftMinMax(0.05, normalize="none"), "hardness", lambda k: 10.0 / np.abs(k).max()),
+    # normalize="scale": the parameters live in units of rms(w)
+    (lambda: R.Margin(0.05), "margin", lambda k: np.abs(k).max() / np_rms(k)),
+    (lambda: R.SoftMinMax(0.05), "hardness", lambda k: 10.0 * np_rms(k) / np.abs(k).max()),
     (lambda: R.MSQE(1.0, 3, trainable_step=True), "step", lambda k: np.abs(k).max() / 3),
     (lambda: R.MSQE(1.0, 3, per_channel=True, trainable_step=True), "step",
      lambda k: np.abs(k).max(axis=0, keepdims=True) / 3),
-], ids=["margin", "hardness", "step", "step_per_channel"])
+], ids=["margin", "hardness", "margin_scale", "hardness_scale", "step", "step_per_channel"])
 def test_learnable_state_is_keras_state(factory, suffix, init):
     model = _dense_model(factory)
     names = [v.name for v in model.weights]
@@ -475,7 +612,8 @@ def test_learnable_state_is_keras_state(factory, suffix, init):
 
 
 def test_margin_gradient_through_model_losses():
-    model = _dense_model(lambda: R.Margin(0.2, power=2.0, margin_weight=0.5, margin=0.3))
+    model = _dense_model(lambda: R.Margin(0.2, power=2.0, margin_weight=0.5, margin=0.3,
+                                          normalize="none"))
     layer = model.get_layer("d0")
     m = layer.weights[1]
     with tf.GradientTape() as tape:
@@ -489,7 +627,7 @@ def test_margin_gradient_through_model_losses():
 
 
 def test_shared_instance_gets_one_state_per_weight():
-    reg = R.Margin(0.05)
+    reg = R.Margin(0.05, normalize="none")
     model = _dense_model(lambda: reg)
     m0, m1 = model.get_layer("d0").weights[1], model.get_layer("d1").weights[1]
     assert m0 is not m1 and len(reg.variables) == 2
@@ -506,7 +644,7 @@ def test_frozen_layer_state_is_not_trainable():
 
 
 def test_detached_call_uses_initial_values_and_warns(caplog):
-    reg = R.Margin(0.5, margin_weight=2.0)
+    reg = R.Margin(0.5, margin_weight=2.0, normalize="none")
     w = tf.constant([0.3, -0.9, 0.1])
     with caplog.at_level(logging.WARNING, logger="tfqreg.regularizers"):
         value = float(reg(w))
@@ -516,7 +654,7 @@ def test_detached_call_uses_initial_values_and_warns(caplog):
 
 def test_state_in_tf1_graph_mode():
     with tf.Graph().as_default():
-        layer = keras.layers.Dense(4, kernel_regularizer=R.Margin(0.5))
+        layer = keras.layers.Dense(4, kernel_regularizer=R.Margin(0.5, normalize="none"))
         layer.build((None, 3))
         sess = tf.compat.v1.keras.backend.get_session()
         kernel, margin, loss = sess.run([layer.kernel, layer.weights[1], layer.losses[0]])

@@ -20,11 +20,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def build(aliases=False):
     """Three layers carrying the six regularizers (kernel and bias regularizers, configured with
-    non-default values, or by alias); few layers keep SavedModel tracing short."""
+    non-default values, or by alias; ``normalize`` both ways); few layers keep SavedModel tracing
+    short."""
     regs = dict(R.ALIASES) if aliases else {
         "foothill": R.Foothill(0.02, alpha=0.5, beta=3.0, center=0.2),
         "linf": R.LInf(0.07),
-        "margin": R.Margin(0.03, power=1.5, margin_weight=0.4),
+        "margin": R.Margin(0.03, power=1.5, margin_weight=0.4, normalize="none"),
         "soft_min_max": R.SoftMinMax(0.04, eta=0.5),
         "msqe": R.MSQE(0.5, bits=3, per_channel=True, narrow_range=True, trainable_step=True),
         "partial_l2": R.PartialL2(0.6, fraction=0.3),
@@ -165,3 +166,55 @@ def test_fresh_interpreter_needs_only_import_tfqreg(trained, saved, tmp_path):
         assert result[fmt]["losses"] == [float(v) for v in trained.losses], fmt
         assert result[fmt]["state"] == state, fmt
         np.testing.assert_array_equal(result[fmt]["pred"], trained.predict(x, verbose=0))
+
+
+def _drop_normalize(config):
+    """A model config as tfqreg wrote it before the range regularizers had ``normalize``."""
+    if isinstance(config, dict):
+        return {k: _drop_normalize(v) for k, v in config.items() if k != "normalize"}
+    if isinstance(config, list):
+        return [_drop_normalize(v) for v in config]
+    return config
+
+
+@pytest.mark.parametrize("fmt", ["keras", "h5"])
+def test_model_saved_before_normalize_keeps_the_old_meaning(tmp_path, fmt):
+    # a model saved by an older tfqreg has regularizer configs without `normalize`; it must load
+    # with the raw penalty (normalize="none"), so it keeps training exactly as before
+    import h5py
+    import zipfile
+
+    inp = keras.Input((4,))
+    x = keras.layers.Dense(3, kernel_regularizer=R.LInf(0.05, normalize="none"), name="a")(inp)
+    x = keras.layers.Dense(2, kernel_regularizer=R.SoftMinMax(0.05, normalize="none"),
+                           name="b")(x)
+    model = keras.Model(inp, x)
+    path = str(tmp_path / f"old.{fmt}")
+    model.save(path, save_format=fmt)
+    if fmt == "keras":
+        old = str(tmp_path / "old_edited.keras")
+        with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w") as dst:
+            for item in src.infolist():
+                data = src.read(item.filename)
+                if item.filename == "config.json":
+                    data = json.dumps(_drop_normalize(json.loads(data))).encode()
+                dst.writestr(item, data)
+        path = old
+    else:
+        with h5py.File(path, "r+") as f:
+            config = f.attrs["model_config"]
+            config = json.loads(config.decode() if isinstance(config, bytes) else config)
+            f.attrs["model_config"] = json.dumps(_drop_normalize(config))
+    if fmt == "keras":
+        with zipfile.ZipFile(path) as z:
+            assert "normalize" not in z.read("config.json").decode()
+    else:
+        with h5py.File(path, "r") as f:
+            assert "normalize" not in str(f.attrs["model_config"])
+    loaded = keras.models.load_model(path)
+    for name in ("a", "b"):
+        assert loaded.get_layer(name).kernel_regularizer.normalize == "none"
+    kernel = loaded.get_layer("a").kernel.numpy()
+    assert float(loaded.losses[0]) == pytest.approx(0.05 * np.abs(kernel).max(), rel=1e-6)
+    np.testing.assert_array_equal([float(v) for v in loaded.losses],
+                                  [float(v) for v in model.losses])

@@ -111,6 +111,9 @@ __all__ = [
     "msqe_penalty",
     "partial_l2_penalty",
     "percentile_threshold",
+    "rms",
+    "scale_normalized",
+    "NORMALIZATIONS",
 ]
 
 _log = logging.getLogger(__name__)
@@ -121,11 +124,12 @@ _log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------
 
 def _check_arg(name: str, value, kind: str = "positive", optional: bool = False,
-               high: Optional[float] = None):
+               high: Optional[float] = None, choices: Sequence[str] = ()):
     """Validate one constructor argument and return it as a plain Python value.
 
     kinds: ``positive`` (finite real > 0), ``nonnegative`` (finite real ≥ 0), ``power`` (finite
-    real ≥ 1), ``fraction`` (real in the open interval (0, 1)), ``bool``, ``bits`` (int 1..16).
+    real ≥ 1), ``fraction`` (real in the open interval (0, 1)), ``bool``, ``bits`` (int 1..16),
+    ``choice`` (one of the strings ``choices``).
     ``high`` bounds the value from above (strengths and multipliers at :data:`_MAX_ARG`,
     powers at 16): larger ones overflow float32 gradients (``LInf(1e308)`` has gradient
     ``inf``), which would break the promise of finite values and gradients for finite weights.
@@ -139,6 +143,13 @@ def _check_arg(name: str, value, kind: str = "positive", optional: bool = False,
         return bool(value)
     if kind == "bits":
         return grid.check_bits(value, name=name)
+    if kind == "choice":
+        if not isinstance(value, str):
+            raise TypeError(f"`{name}` must be a string, one of {list(choices)}, got {value!r} "
+                            f"({type(value).__name__}).")
+        if value not in choices:
+            raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+        return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
         raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
     value = float(value)
@@ -254,6 +265,36 @@ def _foothill_elementwise(x: tf.Tensor, alpha: float, beta: float) -> tf.Tensor:
         return _foothill.value(t, alpha, beta), grad
 
     return _f(x)
+
+
+NORMALIZATIONS = ("scale", "none")
+"""Values of the range regularizers' ``normalize`` argument (see the module docstring)."""
+
+
+def rms(w) -> tf.Tensor:
+    """``sqrt(mean(w²))`` over all elements, overflow-safe (formed as ``m·sqrt(mean((w/m)²))``
+    with ``m = max|w|``; 0 for an all-zero tensor)."""
+    w = _to_compute(w)
+    m = tf.reduce_max(tf.abs(w))
+    m_safe = tf.where(m > 0, m, tf.ones_like(m))
+    r = m_safe * tf.sqrt(tf.reduce_mean(tf.square(w / m_safe)))
+    return tf.where(m > 0, r, tf.zeros_like(r))
+
+
+def scale_normalized(w) -> tf.Tensor:
+    """``w / rms(w)``: the tensor in units of its own root-mean-square (all zeros stays zeros).
+
+    The gradient flows through ``rms(w)`` too, so a penalty ``R(w / rms(w))`` is invariant to
+    rescaling ``w`` (or the BatchNorm γ that folds into it) by a constant, and its gradient is
+    orthogonal to ``w``: it reshapes the distribution without shrinking the tensor.
+
+    >>> [round(float(v), 4) for v in scale_normalized(tf.constant([3.0, -4.0]))]
+    [0.8485, -1.1314]
+    """
+    w = _to_compute(w)
+    r = rms(w)
+    r_safe = tf.where(r > 0, r, tf.ones_like(r))
+    return tf.where(r > 0, w / r_safe, tf.zeros_like(w))
 
 
 # --------------------------------------------------------------------------------------------
@@ -462,17 +503,39 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
     _state_suffixes: tuple = ()
     _needs_layer_info = False
 
-    def __init__(self, l):
+    #: whether the class takes ``normalize=`` (the range regularizers)
+    _normalizable = False
+
+    def __init__(self, l, normalize: str = "none"):
         self.l = _check_arg("l", l, high=_MAX_ARG)
+        self.normalize = _check_arg("normalize", normalize, "choice", choices=NORMALIZATIONS)
+        if self.normalize != "none" and not self._normalizable:  # pragma: no cover - internal
+            raise ValueError(f"`normalize` must be 'none' for {type(self).__name__}.")
         self._attachments = []
         self._warned_detached = False
+
+    @classmethod
+    def from_config(cls, config):
+        # A config written before ``normalize`` existed meant the raw penalty: it loads with
+        # ``normalize="none"`` so a saved model keeps training the same. Such a config always
+        # holds ``l`` (every get_config wrote it); a string alias arrives as ``{}`` and gets the
+        # current defaults.
+        config = dict(config)
+        if cls._normalizable and "l" in config:
+            config.setdefault("normalize", "none")
+        return cls(**config)
+
+    def _normalized(self, w: tf.Tensor) -> tf.Tensor:
+        """``w`` in the units the penalty is computed in: ``w / rms(w)`` for
+        ``normalize="scale"``, else ``w``."""
+        return scale_normalized(w) if self.normalize == "scale" else w
 
     # -- Keras protocol ------------------------------------------------------------------
     def __call__(self, x):
         record = self._find(x)
         w = _to_compute(x)
         if record is None:
-            state, axes = self._detached_state(w), None
+            state, axes = self._detached_state(self._normalized(w)), None
             if self._state_suffixes and not self._warned_detached:
                 self._warned_detached = True
                 _log.warning(
@@ -485,7 +548,7 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
                 w = record.folded(w)
         if w.shape.num_elements() == 0:
             return tf.zeros([], w.dtype)  # nothing to regularize
-        value = _saturate(self.l * self._penalty(w, state, axes))
+        value = _saturate(self.l * self._penalty(self._normalized(w), state, axes))
         # A NaN or inf weight gives a NaN penalty (as Keras' L1/L2 do), so that training
         # visibly diverges instead of a max, a sort or a rounding hiding it.
         finite = tf.reduce_all(tf.math.is_finite(w))
@@ -522,7 +585,8 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
         if self._state_suffixes:
             base = _weight_base_name(variable)
             dtype = _compute_dtype(variable.dtype)
-            initial = self._initial_state(_to_compute(_initial_tensor(variable)), axes)
+            initial = self._initial_state(
+                self._normalized(_to_compute(_initial_tensor(variable))), axes)
             for suffix in self._state_suffixes:
                 value = tf.cast(initial[suffix], dtype)
 
@@ -567,6 +631,9 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
 # The regularizers
 # --------------------------------------------------------------------------------------------
 
+#: default strengths of the range regularizers on the ``normalize="scale"`` scale
+_DEFAULT_L = {"linf": 0.002, "margin": 0.002, "soft_min_max": 0.002}
+
 @register
 class Foothill(_TensorRegularizer):
     """``l · Σ f(|w| − c)``, ``f(x) = α·x·tanh(βx/2)`` (Belbahri et al.; methods.md §1).
@@ -606,15 +673,17 @@ class LInf(_TensorRegularizer):
     1.0
     """
 
-    def __init__(self, l=0.05, fold_batchnorm=True):
-        super().__init__(l)
+    _normalizable = True
+
+    def __init__(self, l=_DEFAULT_L["linf"], fold_batchnorm=True, normalize="scale"):
+        super().__init__(l, normalize)
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
 
     def _penalty(self, w, state, channel_axes):
         return linf_penalty(w)
 
     def get_config(self):
-        return {"l": self.l, "fold_batchnorm": self.fold_batchnorm}
+        return {"l": self.l, "fold_batchnorm": self.fold_batchnorm, "normalize": self.normalize}
 
 
 @register
@@ -634,8 +703,11 @@ class Margin(_TensorRegularizer):
 
     _state_suffixes = ("margin",)
 
-    def __init__(self, l=0.05, power=2.0, margin_weight=1.0, margin=None, fold_batchnorm=True):
-        super().__init__(l)
+    _normalizable = True
+
+    def __init__(self, l=_DEFAULT_L["margin"], power=2.0, margin_weight=1.0, margin=None,
+                 fold_batchnorm=True, normalize="scale"):
+        super().__init__(l, normalize)
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.power = _check_arg("power", power, "power")
         self.margin_weight = _check_arg("margin_weight", margin_weight, high=_MAX_ARG)
@@ -651,7 +723,8 @@ class Margin(_TensorRegularizer):
 
     def get_config(self):
         return {"l": self.l, "power": self.power, "margin_weight": self.margin_weight,
-                "margin": self.margin, "fold_batchnorm": self.fold_batchnorm}
+                "margin": self.margin, "fold_batchnorm": self.fold_batchnorm,
+                "normalize": self.normalize}
 
 
 class _NonNegative(keras.constraints.Constraint):
@@ -678,8 +751,11 @@ class SoftMinMax(_TensorRegularizer):
     _state_suffixes = ("hardness",)
     _DEFAULT_SHARPNESS = 10.0
 
-    def __init__(self, l=0.05, eta=1.0, hardness=None, fold_batchnorm=True):
-        super().__init__(l)
+    _normalizable = True
+
+    def __init__(self, l=_DEFAULT_L["soft_min_max"], eta=1.0, hardness=None, fold_batchnorm=True,
+                 normalize="scale"):
+        super().__init__(l, normalize)
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.eta = _check_arg("eta", eta, high=_MAX_ARG)
         self.hardness = _check_arg("hardness", hardness, optional=True, high=_MAX_ARG)
@@ -699,7 +775,7 @@ class SoftMinMax(_TensorRegularizer):
 
     def get_config(self):
         return {"l": self.l, "eta": self.eta, "hardness": self.hardness,
-                "fold_batchnorm": self.fold_batchnorm}
+                "fold_batchnorm": self.fold_batchnorm, "normalize": self.normalize}
 
 
 @register
