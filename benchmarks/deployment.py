@@ -217,14 +217,14 @@ def main(argv=None):
                      params=params, float32_param_bytes=4 * params))
     print("== small_cnn: float32 TFLite", flush=True)
     f32 = export.to_tflite(cnn, mode="float", sample=check,
-                           path=os.path.join(out_dir, "small_cnn_float32.tflite"))
+                           path=os.path.join(out_dir, "small_cnn_float32.tflite"), overwrite=True)
     rows.append(_row("small_cnn tflite fp32", "LiteRT", f32.flatbuffer,
                      _accuracy(f32.predict(xt), yt), len(xt), parity=_parity(f32), latency={
                          "xnnpack": litert_latency(f32.flatbuffer, xt, True, runs, warmup),
                          "no_xnnpack": litert_latency(f32.flatbuffer, xt, False, runs, warmup)}))
     print("== small_cnn: int8 TFLite + TFLite Micro", flush=True)
     mic = micro.to_micro(cnn, calib, out_dir, name="small_cnn_int8", sample=check,
-                         min_agreement=min_agreement)
+                         min_agreement=min_agreement, overwrite=True)
     int8 = mic.flatbuffer
     rows.append(_row("small_cnn tflite int8", "LiteRT", int8,
                      _accuracy(export.Runner(int8, "litert").predict(xt), yt), len(xt),
@@ -253,7 +253,7 @@ def main(argv=None):
                      params=bparams, float32_param_bytes=4 * bparams))
     print("== BNN: float32 TFLite", flush=True)
     bf32 = export.to_tflite(bnn, mode="float", sample=check, atol=1e-3,
-                            path=os.path.join(out_dir, "bnn_float32.tflite"))
+                            path=os.path.join(out_dir, "bnn_float32.tflite"), overwrite=True)
     rows.append(_row("bnn tflite fp32", "LiteRT", bf32.flatbuffer,
                      _accuracy(bf32.predict(xt), yt), len(xt), parity=_parity(bf32), latency={
                          "xnnpack": litert_latency(bf32.flatbuffer, xt, True, runs, warmup),
@@ -265,7 +265,8 @@ def main(argv=None):
     for label, model in variants:
         print(f"== BNN: Larq Compute Engine, {label}", flush=True)
         fname = label.replace(" ", "_").replace("(", "").replace(")", "").lower()
-        lce = export.to_lce(model, sample=check, path=os.path.join(out_dir, f"{fname}.tflite"))
+        lce = export.to_lce(model, sample=check, path=os.path.join(out_dir, f"{fname}.tflite"),
+                            overwrite=True)
         rows.append(_row(label, "LCE interpreter", lce.flatbuffer,
                          _accuracy(lce.predict(xt), yt), len(xt), parity=_parity(lce),
                          op_counts=lce.report.op_counts,

@@ -43,7 +43,8 @@ model.fit(x, y, epochs=1 if args.quick else 3, batch_size=128, verbose=2)
 print(f"Keras test accuracy: {model.evaluate(xt, yt, verbose=0)[1]:.4f}")
 
 model.save(os.path.join(out, "bnn_foothill.keras"))
-lce = export.to_lce(model, sample=xt[:500], path=os.path.join(out, "bnn_foothill_lce.tflite"))
+lce = export.to_lce(model, sample=xt[:500], path=os.path.join(out, "bnn_foothill_lce.tflite"),
+                    overwrite=True)
 print(lce.report)  # ops (LceBconv2d ...), sizes, parity vs Keras in LCE's interpreter
 acc = (lce.predict(xt).argmax(-1) == yt).mean()
 print(f"LCE .tflite: {len(lce.flatbuffer):,} bytes, test accuracy in LCE's interpreter {acc:.4f}")

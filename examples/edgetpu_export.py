@@ -28,7 +28,7 @@ model.fit(x, y, epochs=1 if args.quick else 2, batch_size=128, verbose=2)
 print(f"Keras float32 test accuracy: {model.evaluate(xt, yt, verbose=0)[1]:.4f}")
 
 res = export.to_tflite(model, mode="int8", representative_data=x[:500], sample=xt[:500],
-                       path=os.path.join(out, "small_cnn_int8.tflite"),
+                       path=os.path.join(out, "small_cnn_int8.tflite"), overwrite=True,
                        min_agreement=0.97)  # int8 vs Keras top-1 (a 1-epoch model has near ties)
 print(res.report)  # ops, tensor types, sizes, parity
 print(f"int8 TFLite test accuracy (LiteRT): {(res.predict(xt).argmax(-1) == yt).mean():.4f}")

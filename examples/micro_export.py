@@ -27,7 +27,7 @@ model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["
 model.fit(x, y, epochs=1 if args.quick else 2, batch_size=128, verbose=2)
 print(f"Keras float32 test accuracy: {model.evaluate(xt, yt, verbose=0)[1]:.4f}")
 
-m = micro.to_micro(model, x[:500], out, name="fmnist_cnn", sample=xt[:200],
+m = micro.to_micro(model, x[:500], out, name="fmnist_cnn", sample=xt[:200], overwrite=True,
                    min_agreement=0.97)  # int8 vs Keras top-1 (a 1-epoch model has near ties)
 print(m)  # conversion report, Micro vs LiteRT, arena, resolver, files
 print("\nregister these ops:")

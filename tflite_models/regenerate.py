@@ -126,7 +126,7 @@ def main(argv=None) -> int:
     tf.keras.utils.set_random_seed(0)
     t = time.time()
     model = train(cnn(), x, y, 3e-3)
-    res = micro.to_micro(model, x[:500], args.out, name=CNN, sample=xt)
+    res = micro.to_micro(model, x[:500], args.out, name=CNN, sample=xt, overwrite=True)
     tpu = check_edgetpu(res.flatbuffer, run_compiler=True)
     relative(os.path.join(args.out, f"{CNN}_micro.json"), args.out)  # committed: relative
     path = res.tflite_path
@@ -158,7 +158,8 @@ def main(argv=None) -> int:
 
     # The 4-bit twin: the same float model, INT4 weights for TFLite Micro.
     t = time.time()
-    res = deploy.to_micro(model, x[:500], args.out, name=CNN4, sample=xt, weight_bits=4)
+    res = deploy.to_micro(model, x[:500], args.out, name=CNN4, sample=xt, weight_bits=4,
+                            overwrite=True)
     relative(os.path.join(args.out, f"{CNN4}_micro.json"), args.out)
     tpu = check_edgetpu(res.flatbuffer, run_compiler=False)
     path = res.tflite_path
@@ -213,7 +214,7 @@ def main(argv=None) -> int:
     t = time.time()
     bnn = train(models.bnn(), x, y, 1e-2)
     path = os.path.join(args.out, f"{BNN}.tflite")
-    lce = export.to_lce(bnn, sample=xt[:1000], path=path)
+    lce = export.to_lce(bnn, sample=xt[:1000], path=path, overwrite=True)
     with open(os.path.join(args.out, f"{BNN}_report.txt"), "w") as f:
         f.write(lce.report.to_text() + "\n")
     entries[BNN] = {
@@ -239,7 +240,7 @@ def main(argv=None) -> int:
     model2 = train(cnn(regularizers.SoftMinMax), x, y, 3e-3, epochs=3)
     path = os.path.join(args.out, f"{CNN2}.tflite")
     res = deploy.to_tflite(model2, mode="int8", representative_data=x[:500], weight_bits=2,
-                           runtime="litert", sample=xt, path=path)
+                           runtime="litert", sample=xt, path=path, overwrite=True)
     relative(os.path.join(args.out, f"{CNN2}.json"), args.out)
     with open(os.path.join(args.out, f"{CNN2}_report.txt"), "w") as f:
         f.write(res.report.to_text() + "\n\n" + deploy.weight_report(path).to_text() + "\n")

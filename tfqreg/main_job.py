@@ -200,7 +200,8 @@ def run(data: str = "fashion_mnist", data_dir: Optional[str] = None,
         int8 = deploy.to_tflite(model, mode="int8", representative_data=calib,
                                 min_agreement=agreement,
                                 sample=(xt[:1000]),
-                                path=os.path.join(export_dir, "small_cnn_int8.tflite"))
+                                path=os.path.join(export_dir, "small_cnn_int8.tflite"),
+                                overwrite=True)
         print(int8.to_text())
         # Accuracy of the int8 file itself on the whole test set, in the LiteRT interpreter.
         pred = np.asarray(int8.predict(xt)).argmax(-1)
@@ -209,14 +210,14 @@ def run(data: str = "fashion_mnist", data_dir: Optional[str] = None,
         # The same 1,000 images as the LiteRT check: on 200, three int8-softmax ties (counted as
         # disagreements) already cost 1.5 pt of top-1 agreement.
         mic = deploy.to_micro(model, calib, export_dir, name="small_cnn", sample=xt[:1000],
-                              min_agreement=agreement)
+                              min_agreement=agreement, overwrite=True)
         print(mic.to_text())
         # 4 bits: packed INT4 weights for TFLite Micro (Dense per tensor, as its INT4
         # FULLY_CONNECTED needs), checked against the simulated model in LiteRT and TFLite Micro.
         # (small_cnn_int8.tflite and to_micro's int8 small_cnn.tflite are the same bytes.)
         t4 = time.perf_counter()
         mic4 = deploy.to_micro(model, calib, export_dir, name="small_cnn_int4", sample=xt[:1000],
-                               min_agreement=agreement, weight_bits=4)
+                               min_agreement=agreement, weight_bits=4, overwrite=True)
         print(mic4.to_text())
         pred = np.asarray(deploy.Runner(mic4.flatbuffer, "litert").predict(xt)).argmax(-1)
         int4_acc = float((pred == yt).mean())

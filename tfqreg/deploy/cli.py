@@ -62,7 +62,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def check_cli_arguments(args: argparse.Namespace) -> str:
-    """Check the arguments of ``tfqreg export`` before anything is loaded or written.
+    """Check the arguments of ``tfqreg export`` before anything is loaded or written (last,
+    ``--out``: a folder that can be made, is then made, and holds no output file unless
+    ``--overwrite``).
 
     Returns:
         The runtime the file is made for (``"litert"`` or ``"micro"``).
@@ -122,7 +124,6 @@ def check_cli_arguments(args: argparse.Namespace) -> str:
             raise ValueError(f"{flag} must be >= 1, got {value}.")
     if args.arena_margin < 0:
         raise ValueError(f"--arena-margin must be >= 0, got {args.arena_margin}.")
-    _check_out(args)
     check_arguments(batch_size=args.batch_size or None, min_agreement=args.min_agreement)
     if args.data.endswith(".npy"):
         if not os.path.isfile(args.data):
@@ -133,6 +134,7 @@ def check_cli_arguments(args: argparse.Namespace) -> str:
         if args.data not in DATASETS:
             raise ValueError(f"--data must be one of {', '.join(DATASETS)} or a .npy file, "
                              f"got {args.data!r}.")
+    _check_out(args)  # last: it makes the folder
     return runtime
 
 
@@ -168,6 +170,11 @@ def _check_out(args: argparse.Namespace) -> None:
     if existing and not getattr(args, "overwrite", False):
         raise ValueError(f"--out: {', '.join(repr(p) for p in existing)} exist(s); pass "
                          "--overwrite to replace.")
+    try:  # made now, so that a folder that cannot be made is refused before any work
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out!r}: cannot create it ({type(e).__name__}: "
+                         f"{e.strerror or e}).") from None
 
 
 def _cli_data(args: argparse.Namespace,
