@@ -208,6 +208,27 @@ def test_save_writes_tflite_and_json(tiny, tmp_path):
     assert data["tflite_bytes"] == len(res.flatbuffer) and data["parity"]["passed"]
 
 
+def test_existing_path_is_refused_unless_overwrite(tiny, tmp_path):
+    path = tmp_path / "m.tflite"
+    path.write_bytes(b"old")
+    with pytest.raises(FileExistsError, match=r"^`path`: .*m\.tflite.*overwrite=True"):
+        deploy.to_tflite(tiny, path=str(path))
+    assert path.read_bytes() == b"old"            # refused before anything was written
+    (tmp_path / "r.json").write_text("{}")       # the report beside it counts too
+    with pytest.raises(FileExistsError, match=r"r\.json"):
+        deploy.to_tflite(tiny, path=str(tmp_path / "r.tflite"))
+    with pytest.raises(IsADirectoryError, match="`path`"):
+        deploy.to_tflite(tiny, path=str(tmp_path))
+    with pytest.raises(TypeError, match="`overwrite`"):
+        deploy.to_tflite(tiny, path=str(path), overwrite="yes")
+    with pytest.raises(TypeError, match="`path`"):
+        deploy.to_tflite(tiny, path=5)
+    res = deploy.to_tflite(tiny, path=str(path), overwrite=True)
+    assert path.read_bytes() == res.flatbuffer
+    with pytest.raises(FileExistsError, match="`path`"):
+        deploy.to_lce(models.bnn(), check=False, path=str(path))
+
+
 # ---- Larq Compute Engine --------------------------------------------------------------------
 
 

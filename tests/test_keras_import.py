@@ -93,3 +93,46 @@ def test_the_cli_silences_tensorflow_info_logs_library_users_keep_them():
         out = subprocess.run([sys.executable, "-c", code.format(argv0)], env=env,
                              capture_output=True, text=True, timeout=300).stdout.split()
         assert out[-1] == want, (argv0, out)
+
+
+def test_model_loaded_before_import_tfqreg_is_named(tmp_path):
+    """tf_keras' ``regularizers.get`` turns a class it cannot find into its bare name (it does
+    not import the ``module`` saved in the config), so ``keras.models.load_model`` without
+    ``import tfqreg`` gives layers whose regularizer is the string ``'MSQE'``; training then
+    fails with "'str' object is not callable". tfqreg's entry points name the cause."""
+    path = str(tmp_path / "reg.keras")
+    save = (f"import tfqreg\nfrom tfqreg._keras import keras\n"
+            "m = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "
+            "kernel_regularizer=tfqreg.regularizers.MSQE(bits=4)), keras.layers.Dense(2, "
+            f"kernel_regularizer='linf')])\nm.save({path!r})\n")
+    proc = run(save)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    load = f"""
+import json, os, sys
+os.environ["TF_USE_LEGACY_KERAS"] = "1"
+import tf_keras as keras
+m = keras.models.load_model({path!r})
+out = {{"regularizers": [l.kernel_regularizer for l in m.layers],
+       "tfqreg_imported": "tfqreg" in sys.modules}}
+import tfqreg
+for name, call in (("ptq", lambda: tfqreg.ptq.quantize(m, 8)),
+                   ("to_tflite", lambda: tfqreg.deploy.to_tflite(m)),
+                   ("summary", lambda: tfqreg.summary(m))):
+    try:
+        call()
+        out[name] = "accepted"
+    except TypeError as e:
+        out[name] = str(e)
+again = tfqreg.deploy.load_model({path!r})
+out["reloaded"] = [type(l.kernel_regularizer).__name__ for l in again.layers]
+print("RESULT" + json.dumps(out))
+"""
+    proc = run(load)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["regularizers"] == ["MSQE", "LInf"] and not out["tfqreg_imported"]  # tf_keras
+    for name in ("ptq", "to_tflite", "summary"):
+        msg = out[name]
+        assert msg.startswith("`model`: layer 'dense' has kernel_regularizer 'MSQE'"), msg
+        assert "before `import tfqreg`" in msg and "\n" not in msg
+    assert out["reloaded"] == ["MSQE", "LInf"]

@@ -43,7 +43,12 @@ def load() -> None:
     _loaded = True
 
 
-if not _command.is_command():
+if _command.is_command():
+    # TensorFlow's C++ INFO/WARNING lines would bury the command's output (tfqreg._keras)
+    import os as _os
+
+    _os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+else:
     load()
 
 
