@@ -121,8 +121,7 @@ def test_local_two_workers_train_and_the_chief_exports(reference, data_dir):
             np.testing.assert_array_equal(saved[name], value, err_msg=name)
             matched += 1
     assert matched == len(model.weights)
-    bn = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
-    assert len(bn) == 2 and all(l.synchronized for l in bn)
+    assert sum(isinstance(l, keras.layers.BatchNormalization) for l in model.layers) == 2
 
     # accuracies printed by the chief, and the .tflite files run here with the same result
     float_acc = _number(r"test accuracy \(float32, Keras\): ([0-9.]+)", text)
