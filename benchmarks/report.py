@@ -31,10 +31,12 @@ SECTIONS = (
      "python benchmarks/robustness.py --model ds_cnn"),
     ("batchnorm_fold.json", "BatchNorm folding: tfqreg.ptq vs an independent fold",
      "python benchmarks/batchnorm_fold.py"),
+    ("defaults_transfer.json", "Defaults that transfer: every regularizer at its default",
+     "python benchmarks/defaults_transfer.py"),
 )
 
 #: sections left out of the README (instead of "Not run yet") until their full run exists
-OPTIONAL = {"robustness_ds_cnn.json", "batchnorm_fold.json"}
+OPTIONAL = {"robustness_ds_cnn.json", "batchnorm_fold.json", "defaults_transfer.json"}
 
 
 def _describe(d: dict) -> str:

@@ -236,6 +236,36 @@ def test_benchmark_batchnorm_fold_quick(data_dir):
     assert "max |tfqreg.ptq - independent fold| =" in out and "target <= 0.5 pt: met" in out
 
 
+def test_benchmark_defaults_transfer_quick(data_dir):
+    out, t0 = _run("benchmarks/defaults_transfer.py", data_dir, 900)
+    with open(_fresh_file(os.path.join(RESULTS, "defaults_transfer_quick.json"), t0)) as f:
+        res = json.load(f)
+    archs = ["small_cnn", "ds_cnn", "resnet_small", "mlp"]
+    rows = ["plain", "linf", "margin", "soft_min_max", "foothill"]
+    assert list(res["runs"]) == archs and res["quick"] is True and res["epochs"] == 1
+    assert res["seeds"] == res["seeds_done"] == 1 and res["test_images"] == 1000
+    assert res["wall_seconds"] > 0 and "cpu_count" in res["machine"]
+    # every row ran at the library's default (no arguments): the recorded configs say so
+    from tfqreg import regularizers
+    for arch in archs:
+        assert list(res["runs"][arch]) == rows and list(res["acceptance"][arch]) == rows[1:]
+        for row in rows:
+            (r,) = res["runs"][arch][row]
+            _acc_ok(r["fp32"])
+            for c in ("W4pt", "W3pt", "W3pc"):
+                _acc_ok(r[c], trained=False)
+            if row != "plain":
+                default = regularizers.ALIASES[row]().get_config()
+                assert {k: v for k, v in r["regularizer"].items() if k != "class"} == default
+            a = res["summary"][arch][row]["fp32"]
+            assert a["n"] == 1 and a["mean"] == pytest.approx(100 * r["fp32"])
+        for row, acc in res["acceptance"][arch].items():
+            cost = res["summary"][arch]["plain"]["fp32"]["mean"] - \
+                res["summary"][arch][row]["fp32"]["mean"]
+            assert acc["fp32_cost_pt"] == pytest.approx(cost)
+    assert res["table"] in out and "tfqreg from" in out
+
+
 def test_benchmark_bnn_quick(data_dir):
     out, t0 = _run("benchmarks/bnn.py", data_dir, 600)
     with open(_fresh_file(os.path.join(RESULTS, "bnn_quick.json"), t0)) as f:

@@ -6,11 +6,16 @@ registered under the package ``tfqreg`` and has a short string alias:
 
 - ``"foothill"``: ``Foothill(l=1e-4, alpha=1, beta=2, center=0)``, ``l·Σ f(|w| − c)``,
   ``f(x) = α·x·tanh(βx/2)``
-- ``"linf"``: ``LInf(l=0.05)``, ``l·max|w|``
-- ``"margin"``: ``Margin(l=0.05, power=2, margin_weight=1)``, ``l·[Σ relu(|w| − |M|)^p + γ·|M|]``,
-  learnable M
-- ``"soft_min_max"``: ``SoftMinMax(l=0.05, eta=1)``, ``l·[smax(W) − smin(W) + η·e^{−a}]``,
+- ``"linf"``: ``LInf(l=0.002)``, ``l·max|u|``
+- ``"margin"``: ``Margin(l=0.002, power=2, margin_weight=1)``,
+  ``l·[Σ relu(|u| − |M|)^p + γ·|M|]``, learnable M
+- ``"soft_min_max"``: ``SoftMinMax(l=0.002, eta=1)``, ``l·[smax(u) − smin(u) + η·e^{−a}]``,
   learnable hardness a
+
+where ``u = w / rms(w)`` (``normalize="scale"``, the default of the three range regularizers;
+``normalize="none"`` gives ``u = w``, their earlier meaning, which a saved model whose config
+has no ``normalize`` keeps) and ``w`` is the kernel as the device quantizes it (BatchNorm
+folded, see below)
 - ``"msqe"``: ``MSQE(l=1, bits=4)``, ``l·(1/N) Σ (w − Q(w))²`` on the grid of :mod:`tfqreg.grid`
   (optionally a learnable step δ)
 - ``"partial_l2"``: ``PartialL2(l=1, fraction=0.5)``, ``l·(1/N) Σ_{|w| ≤ θ_r} w²``
@@ -22,13 +27,33 @@ registered under the package ``tfqreg`` and has a short string alias:
 >>> [w.name for w in layer.weights]
 ['kernel:0', 'kernel_margin:0', 'bias:0']
 
-Default strengths. ``LInf(0.05)`` follows the project's reference run (Fashion-MNIST small CNN,
-4 epochs: an L∞ penalty of 0.05 on the sum of per-kernel max|w| kept per-tensor W2 PTQ at 82.9%
-against 12.0% without); the other defaults are reasoned from the formulas, not tuned.
-``Margin`` and ``SoftMinMax`` use the same 0.05: their M-term resp. range term is of the size of
-max|w|, like L∞. ``Foothill(1e-4, alpha=1, beta=2)`` equals ``keras.regularizers.L2(1e-4)`` near 0
-(f ≈ αβ/2·w²) and an L1 penalty of 1e-4 beyond |w| ≈ 1 (= 2/β), i.e. ordinary weight decay that
-stops growing for outliers. ``MSQE`` and ``PartialL2`` are per-element means (methods.md §3), so
+What ``l`` means. A range regularizer's job is the ratio that per-tensor quantization suffers
+from: the grid step is ``max|w|/(2^(b−1) − 1)`` and the signal is the weights' spread, so the
+relative quantization error of a kernel is set by ``max|w| / rms(w)``, not by ``max|w|``. With
+``normalize="scale"`` each penalty is computed on ``u = w / rms(w)`` (gradient through ``rms``
+too): the penalty of a kernel is the same whatever its scale (the init, the layer's fan-in, a
+BatchNorm γ that folds into it, the weight decay), and its gradient is orthogonal to ``w``, so it
+reshapes the distribution (pulls the largest weights in, pushes the bulk out) without shrinking
+the tensor. The raw penalty ``l·max|w|`` also shrinks it, and in front of a BatchNorm, where the
+kernel's scale is free, nothing resists that: the task gradient of a scale-invariant kernel has
+no radial component. ``l`` is then the weight of "max|w|/rms(w)" (resp. the margin and range
+terms in rms units) per regularized kernel, a dimensionless number. The penalties are summed over
+kernels, not averaged: each kernel's gradient is its own term's, whatever the number of
+kernels, and the quantization error they fight accumulates over layers in the same way. Measured
+(benchmarks/defaults_transfer.py, diagnostic in the issue-16 report): the ratio of penalty
+gradient to task gradient, per kernel, differed 6× between the median kernels of four
+architectures with the raw penalty, 3.8× with the normalised one; dividing by the number of
+kernels (4 to 10) would have widened it.
+
+Default strengths (``normalize="scale"``): ``LInf(0.002)``, ``Margin(0.002)``,
+``SoftMinMax(0.002)``, chosen on four architectures (a BN-free CNN, a depthwise-separable CNN with
+BatchNorm, a residual network with BatchNorm, an MLP; benchmarks/defaults_transfer.py, whose table
+is in the README). The raw defaults they replace (``LInf(0.05, normalize="none")`` etc.) were set
+on the BN-free CNN alone. ``Foothill(1e-4, alpha=1, beta=2)`` equals
+``keras.regularizers.L2(1e-4)`` near 0 (f ≈ αβ/2·w²) and an L1 penalty of 1e-4 beyond |w| ≈ 1
+(= 2/β), i.e. ordinary weight decay that stops growing for outliers: its pull on each weight is
+``l·f'(w)``, the same on any model (per weight, like weight decay), so it has no ``normalize``
+(a scale-free shrinkage would shrink nothing); the same benchmark checks its default. ``MSQE`` and ``PartialL2`` are per-element means (methods.md §3), so
 their gradient per weight is ``2l·(w − Q(w))/N`` resp. ``2l·w/N``: ``l=1`` is a neutral start that
 the learnable-coefficient training (``E + e^α·R − β·α``) or the user scales; for kernels with N
 weights a pull comparable to weight decay 1e-4 needs ``l ≈ 1e-4·N``.
@@ -667,9 +692,20 @@ class Foothill(_TensorRegularizer):
 
 @register
 class LInf(_TensorRegularizer):
-    """``l · max|w|`` (R² range regularization, L∞ form; methods.md §2). Default ``l=0.05``.
+    """``l · max|u|``, ``u = w / rms(w)`` (R² range regularization, L∞ form; methods.md §2).
 
-    >>> float(LInf(0.5)(tf.constant([0.5, -2.0])))
+    Args:
+        l: strength (> 0), the weight of ``max|w| / rms(w)`` per kernel. Default 0.002 (chosen
+            on four architectures, see the module docstring). With ``normalize="none"``, the
+            weight of ``max|w|`` (the earlier meaning; 0.05 was its default).
+        fold_batchnorm: penalise the kernel as the device quantizes it, ``w·γ/√(σ²+ε)``, when a
+            BatchNorm folds into the layer (default), else the raw kernel.
+        normalize: ``"scale"`` (default): the penalty of ``u = w / rms(w)``, scale-free, its
+            gradient orthogonal to ``w``; ``"none"``: of ``w`` itself.
+
+    >>> round(float(LInf(0.5)(tf.constant([0.5, -2.0]))), 4)   # 0.5 · 2 / rms = 0.5 · 2 / 1.4577
+    0.686
+    >>> float(LInf(0.5, normalize="none")(tf.constant([0.5, -2.0])))
     1.0
     """
 
@@ -688,17 +724,20 @@ class LInf(_TensorRegularizer):
 
 @register
 class Margin(_TensorRegularizer):
-    """``l · [Σ relu(|w| − |M|)^p + γ·|M|]`` with a learnable margin M per weight tensor.
+    """``l · [Σ relu(|u| − |M|)^p + γ·|M|]``, ``u = w / rms(w)``, with a learnable margin M per
+    weight tensor (in units of rms(w); with ``normalize="none"``, ``u = w`` and M is in the
+    weights' units).
 
     M is a weight ``<name>_margin`` of the layer (see the module docstring), initialised to
-    ``margin`` or, by default, to max|w| at build time.
+    ``margin`` or, by default, to max|u| at build time.
 
     Args:
-        l: strength (> 0). Default 0.05.
+        l: strength (> 0). Default 0.002 (``normalize="none"``: 0.05 was the earlier default).
         power: p ≥ 1. Default 2.
         margin_weight: γ > 0, the weight of the |M| term. Default 1.
-        margin: initial M (> 0), or ``None`` for max|w| of the freshly initialised weight.
+        margin: initial M (> 0), or ``None`` for max|u| of the freshly initialised weight.
         fold_batchnorm: as :class:`LInf`.
+        normalize: ``"scale"`` (default) or ``"none"``, as :class:`LInf`.
     """
 
     _state_suffixes = ("margin",)
@@ -734,18 +773,21 @@ class _NonNegative(keras.constraints.Constraint):
 
 @register
 class SoftMinMax(_TensorRegularizer):
-    """``l · [(smax − smin) + η·e^{−a}]`` with a learnable hardness a ≥ 0 per weight tensor.
+    """``l · [(smax − smin) + η·e^{−a}]`` of ``u = w / rms(w)``, with a learnable hardness a ≥ 0
+    per weight tensor (``normalize="none"``: of ``w``).
 
-    ``smax = Σ w e^{aw}/Σ e^{aw}``, ``smin = Σ w e^{−aw}/Σ e^{−aw}``; a is a weight
+    ``smax = Σ u e^{au}/Σ e^{au}``, ``smin = Σ u e^{−au}/Σ e^{−au}``; a is a weight
     ``<name>_hardness`` of the layer (kept ≥ 0 by a constraint), initialised to ``hardness`` or,
-    by default, to ``10 / max|w|`` (so that ``e^{a·max|w|} = e^{10}``: smax − smin starts close to
+    by default, to ``10 / max|u|`` (so that ``e^{a·max|u|} = e^{10}``: smax − smin starts close to
     max − min). The η·e^{−a} term keeps a from collapsing to 0 (where smax − smin → 0).
 
     Args:
-        l: strength (> 0). Default 0.05.
+        l: strength (> 0), the weight of the range in rms units per kernel. Default 0.002
+            (``normalize="none"``: the range in the weights' units; 0.05 was the earlier default).
         eta: η > 0. Default 1.
-        hardness: initial a (> 0), or ``None`` for 10/max|w| at build time.
+        hardness: initial a (> 0), or ``None`` for 10/max|u| at build time.
         fold_batchnorm: as :class:`LInf`.
+        normalize: ``"scale"`` (default) or ``"none"``, as :class:`LInf`.
     """
 
     _state_suffixes = ("hardness",)
