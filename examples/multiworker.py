@@ -153,6 +153,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.workers is not None and not 0 <= args.worker_index < len(args.workers.split(",")):
         p.error(f"--worker-index {args.worker_index} is not a position in --workers "
                 f"({len(args.workers.split(','))} addresses)")
+    if args.max_restarts < 0:
+        p.error(f"--max-restarts must be >= 0, got {args.max_restarts}")
     for name in ("epochs", "steps_per_epoch", "batch_size", "backup_every"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -212,28 +214,30 @@ def run_local(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(f"[launcher] attempt {attempt + 1}: {args.local} workers on {','.join(workers)}",
               flush=True)
         procs = []
-        for i in range(args.local):
-            child_env = dict(env, TF_CONFIG=tf_config(workers, i))
-            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *base,
-                                           *extra], env=child_env))
-        failed = None
-        while failed is None and any(p.poll() is None for p in procs):
-            failed = next((i for i, p in enumerate(procs)
-                           if p.poll() is not None and p.returncode != 0), None)
-            time.sleep(0.2)
-        if failed is None:
-            failed = next((i for i, p in enumerate(procs) if p.returncode != 0), None)
-        if failed is None:
-            print(f"[launcher] all {args.local} workers finished", flush=True)
-            return 0
-        print(f"[launcher] worker {failed} exited with {procs[failed].returncode}; stopping "
-              "the others (a MultiWorkerMirroredStrategy job cannot continue without it)",
-              flush=True)
-        for p in procs:
-            if p.poll() is None:
-                p.kill()  # our own children, by their Popen handle
-        for p in procs:
-            p.wait()
+        try:
+            for i in range(args.local):
+                child_env = dict(env, TF_CONFIG=tf_config(workers, i))
+                procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__),
+                                               *base, *extra], env=child_env))
+            failed = None
+            while failed is None and any(p.poll() is None for p in procs):
+                failed = next((i for i, p in enumerate(procs)
+                               if p.poll() is not None and p.returncode != 0), None)
+                time.sleep(0.2)
+            if failed is None:
+                failed = next((i for i, p in enumerate(procs) if p.returncode != 0), None)
+            if failed is None:
+                print(f"[launcher] all {args.local} workers finished", flush=True)
+                return 0
+            print(f"[launcher] worker {failed} exited with {procs[failed].returncode}; "
+                  "stopping the others (a MultiWorkerMirroredStrategy job cannot continue "
+                  "without it)", flush=True)
+        finally:  # also on Ctrl-C: no worker is left waiting for the others
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()  # our own children, by their Popen handle
+            for p in procs:
+                p.wait()
         if attempt < args.max_restarts:
             print(f"[launcher] restarting all workers ({attempt + 1} of {args.max_restarts} "
                   "restarts); fit resumes from the backup", flush=True)

@@ -10,6 +10,7 @@ compares the resumed job's final weights with it.
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -42,12 +43,19 @@ def _run(data_dir, out, tmpdir, *args, timeout=420):
                TMPDIR=str(tmpdir))  # the workers' temporary folders land here
     env.pop("TF_CONFIG", None)
     start = time.time()
-    proc = subprocess.run([sys.executable, SCRIPT, "--local", "2", "--quick", "--out", str(out),
-                           *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-5000:]}"
-                                  f"\n--- stderr\n{proc.stderr[-5000:]}")
-    return proc.stdout, start, time.time() - start
+    # a session of its own: on a timeout the launcher and its workers are killed together
+    proc = subprocess.Popen([sys.executable, SCRIPT, "--local", "2", "--quick", "--out",
+                             str(out), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"timed out after {timeout} s\n--- stdout\n{stdout[-5000:]}")
+    assert proc.returncode == 0, (f"exit {proc.returncode}\n--- stdout\n{stdout[-5000:]}"
+                                  f"\n--- stderr\n{stderr[-5000:]}")
+    return stdout, start, time.time() - start
 
 
 def _weights(path):
