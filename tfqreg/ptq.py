@@ -102,6 +102,38 @@ def _check_args(model=None, weight_bits=None, activation_bits=None, per_channel=
     grid.check_quant_args(weight_bits, activation_bits, per_channel, narrow_range)
 
 
+def _check_flags(**flags) -> None:
+    """Bools given explicitly (``None`` is not a bool here: the defaults are True/False)."""
+    from tfqreg import _checks
+
+    for name, value in flags.items():
+        if name == "per_channel" and value == "conv" and isinstance(value, str):
+            continue
+        _checks.check_bool(name, value)
+
+
+def _int_list(name: str, values) -> List[int]:
+    """A sequence of bit widths (each checked later), not an int or a string."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, range)):
+        raise TypeError(f"`{name}` must be a list of bit widths, e.g. (8, 4), got {values!r}.")
+    for v in values:
+        if v is None:
+            raise TypeError(f"`{name}` holds None; give bit widths in 2..16.")
+    return list(values)
+
+
+def _pairs(name: str, values) -> List[Tuple[int, Optional[int]]]:
+    """``[(weight_bits, activation_bits), ...]``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple)):
+        raise TypeError(f"`{name}` must be a list of (weight_bits, activation_bits) pairs, got "
+                        f"{values!r}.")
+    for pair in values:
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+            raise TypeError(f"`{name}` must be a list of (weight_bits, activation_bits) pairs; "
+                            f"{pair!r} is not a pair.")
+    return [tuple(p) for p in values]
+
+
 def _separable_types():
     names = ("SeparableConv1D", "SeparableConv2D")
     return tuple(getattr(keras.layers, n) for n in names if hasattr(keras.layers, n))
@@ -530,6 +562,9 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
         ValueError: a bit width outside 2..16, no quantizable layer, missing or misshaped
             calibration data.
     """
+    if weight_bits is None:
+        raise TypeError("`weight_bits` must be an integer in 2..16, got None.")
+    _check_flags(per_channel=per_channel, narrow_range=narrow_range)
     _check_args(model, weight_bits, activation_bits, per_channel, narrow_range)
     if activation_bits is not None and calibration_data is None:
         raise ValueError("`calibration_data` is required when `activation_bits` is given "
@@ -736,8 +771,13 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
         then ``extra``. The loss column is the mean sparse categorical cross-entropy (on
         probabilities if the outputs are probabilities, else on logits).
     """
+    if model is None:
+        raise TypeError("`model` must be a tf_keras Model, got None.")
+    _check_flags(per_channel=per_channel, narrow_range=narrow_range, progress=progress)
     _check_args(model, None, activation_bits, per_channel, narrow_range)
     _input_shape(model)
+    weight_bits = _int_list("weight_bits", weight_bits)
+    extra = _pairs("extra", extra)
     configs = [(None, None)] + [(b, activation_bits) for b in weight_bits] + [
         (w, a) for w, a in extra]
     for w, a in configs[1:]:

@@ -74,11 +74,13 @@ from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, input_specs, measure_par
                                    sample_inputs, static_model, to_samples)
 from tfqreg.deploy.tflite_file import TfliteGraph, read_tflite
 
-__all__ = ["MODES", "IO_DTYPES", "ConversionError", "ParityError", "check_arguments",
-           "check_path", "explain_converter_error", "finish_export", "keras_names", "to_tflite",
+__all__ = ["MODES", "IO_DTYPES", "MAX_BATCH_SIZE", "ConversionError", "ParityError",
+           "check_arguments", "check_lowbit_arguments", "check_path", "explain_converter_error", "finish_export", "keras_names", "to_tflite",
            "to_lce", "load_model"]
 
 MODES = ("float", "dynamic", "int8")
+MAX_BATCH_SIZE = 1 << 16
+"""Largest static batch size of an exported model (the parity check pads a batch to it)."""
 IO_DTYPES = ("int8", "uint8", "float32")
 
 
@@ -108,7 +110,8 @@ def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
                     batch_size: Optional[int] = 1, representative_data: Any = None,
                     min_agreement: float = 0.99, atol: float = 1e-5, check: bool = True,
                     allow_float_ops: bool = False,
-                    calibration_samples: Optional[int] = CALIBRATION_SAMPLES) -> None:
+                    calibration_samples: Optional[int] = CALIBRATION_SAMPLES,
+                    sample: Any = None) -> None:
     """The one place export arguments are checked (``None`` for ``mode`` / ``io_dtype``: not
     checked).
 
@@ -127,13 +130,15 @@ def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
             "inputs (an array shaped like the model's input with a batch axis, a tf.data.Dataset "
             "or a generator) so the converter can calibrate the activation ranges."
         )
-    if isinstance(representative_data, (str, bytes)):
-        raise TypeError("`representative_data` must be an array, a list of arrays, a "
-                        f"tf.data.Dataset or a generator, got the string {representative_data!r}.")
+    for name, data in (("representative_data", representative_data), ("sample", sample)):
+        if isinstance(data, (str, bytes)) or isinstance(data, (bool, int, float)) and \
+                data is not None:
+            raise TypeError(f"`{name}` must be an array, a list of arrays, a tf.data.Dataset "
+                            f"or a generator, got {type(data).__name__} {data!r}.")
     if mode is not None and mode != "int8" and io_dtype not in (None, "float32"):
         raise ValueError(f"`io_dtype`={io_dtype!r} needs mode='int8' (mode is {mode!r}).")
     if batch_size is not None:
-        _checks.check_int("batch_size", batch_size, low=1)
+        _checks.check_int("batch_size", batch_size, low=1, high=MAX_BATCH_SIZE)
     _checks.check_real("min_agreement", min_agreement, low=0.0, high=1.0)
     _checks.check_real("atol", atol, low=0.0)
     _checks.check_bool("check", check)
@@ -389,9 +394,12 @@ def to_tflite(
         FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
     check_keras2(model, "model", keras.Model)
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
     io_dtype = io_dtype or ("int8" if mode == "int8" else "float32")
     check_arguments(mode, io_dtype, batch_size, representative_data, min_agreement, atol, check,
-                    allow_float_ops, calibration_samples)
+                    allow_float_ops, calibration_samples, sample)
+    check_lowbit_arguments(weight_bits, runtime, per_channel)
     check_path(path, overwrite)
     if weight_bits not in (None, 8):
         return _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check,
@@ -444,6 +452,23 @@ def to_tflite(
                          atol, min_agreement, path, notes)
 
 
+def check_lowbit_arguments(weight_bits: Any, runtime: Any, per_channel: Any) -> None:
+    """``weight_bits`` (None, 8, 4 or 2), ``runtime`` and ``per_channel``, checked whatever
+    ``weight_bits`` is (so a misspelled ``runtime`` is never ignored silently).
+
+    Raises:
+        TypeError / ValueError: naming the argument.
+    """
+    if isinstance(weight_bits, (bool, np.bool_)) or weight_bits not in (None, 8, 4, 2) or \
+            isinstance(weight_bits, float):
+        raise ValueError(f"`weight_bits` must be None, 8, 4 or 2, got {weight_bits!r}.")
+    runtimes = ("litert", "micro")
+    if not isinstance(runtime, str) or runtime not in runtimes:
+        raise ValueError(f"`runtime` must be one of {runtimes}, got {runtime!r}.")
+    if not isinstance(per_channel, (bool, np.bool_)):
+        raise TypeError(f"`per_channel` must be a bool, got {per_channel!r}.")
+
+
 def lowbit_granularity(runtime: str, per_channel: bool = True):
     """The ``per_channel`` argument of :func:`tfqreg.ptq.quantize` for a sub-8-bit file:
     TFLite Micro's INT4 FULLY_CONNECTED takes one scale per tensor, so ``Dense`` is per tensor
@@ -473,12 +498,6 @@ def _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check, sa
     from tfqreg import ptq
     from tfqreg.deploy import lowbit
 
-    if isinstance(weight_bits, bool) or weight_bits not in (2, 4):
-        raise ValueError(f"`weight_bits` must be None, 8, 4 or 2, got {weight_bits!r}.")
-    if runtime not in lowbit.RUNTIMES:
-        raise ValueError(f"`runtime` must be one of {lowbit.RUNTIMES}, got {runtime!r}.")
-    if not isinstance(per_channel, bool):
-        raise TypeError(f"`per_channel` must be a bool, got {per_channel!r}.")
     if mode == "float":
         raise ValueError("`weight_bits` 4 / 2 needs mode='int8' (int8 activations) or "
                          "mode='dynamic' (float activations, LiteRT only), not mode='float'.")

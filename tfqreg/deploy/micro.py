@@ -46,7 +46,8 @@ import numpy as np
 
 from tfqreg import _checks
 from tfqreg._keras import check_keras2, keras
-from tfqreg.deploy.convert import ConversionError, ParityError, simulated_reference, to_tflite
+from tfqreg.deploy.convert import (ConversionError, ParityError, check_arguments,
+                                   check_lowbit_arguments, simulated_reference, to_tflite)
 from tfqreg.deploy.report import ExportReport, check_overwrite
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, CHECK_SAMPLES, input_specs,
@@ -431,6 +432,15 @@ def to_micro(
     """
     check_keras2(model, "model", keras.Model)
     _check_args(name, arena_margin, io_dtype)
+    if representative_data is None:
+        raise ValueError("`representative_data` is required: TFLite Micro models are int8 (a "
+                         "few hundred typical inputs calibrate the activation ranges).")
+    check_arguments("int8", io_dtype, 1, representative_data, min_agreement, 1e-5, check,
+                    sample=sample)
+    check_lowbit_arguments(weight_bits, "micro", True)
+    if weight_bits == 2:
+        raise ValueError("`weight_bits`=2 cannot run on TFLite Micro (runtime 'micro'): it has no INT2 "
+                         "kernels (use weight_bits=4, or to_tflite(..., weight_bits=2) for LiteRT).")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"`out_dir` must be a folder name, got {type(out_dir).__name__} "
                         f"{out_dir!r}.")

@@ -70,8 +70,8 @@ def to_samples(data: Any, specs: Sequence[tf.TensorSpec], name: str,
         One float32 array per model input.
 
     Raises:
-        ValueError: empty data, or shapes that do not fit the model (the message gives the
-            expected shape).
+        ValueError: empty data, shapes that do not fit the model (the message gives the
+            expected shape), or NaN / inf values.
         TypeError: an unsupported form of data, or integer values.
     """
     if isinstance(data, dict) and data and all(
@@ -143,7 +143,15 @@ def to_samples(data: Any, specs: Sequence[tf.TensorSpec], name: str,
                 f"values shaped {_expected(spec)} (scale integer images to floats the way the "
                 f"model was trained, e.g. x / 255)."
             )
-        out.append(a[:limit].astype(target) if limit is not None else a.astype(target))
+        a = a[:limit].astype(target) if limit is not None else a.astype(target)
+        if target is np.float32 and not np.all(np.isfinite(a)):
+            bad = ~np.isfinite(a.reshape(len(a), -1)).all(-1)
+            where = np.flatnonzero(bad)
+            raise ValueError(
+                f"`{name}` holds non-finite values (NaN or inf) for the model input "
+                f"'{spec.name}', in sample(s) {where[:5].tolist()}"
+                f"{'...' if len(where) > 5 else ''}: they would poison the calibrated ranges.")
+        out.append(a)
     if len(out[0]) == 0:
         raise ValueError(f"`{name}` is empty.")
     return out
