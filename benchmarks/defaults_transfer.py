@@ -7,7 +7,7 @@ Architectures (`tfqreg.models`): ``small_cnn`` (BN-free CNN, 4 kernels), ``ds_cn
 ``mlp`` (three Dense layers, no BatchNorm, 235k weights). Rows: plain training and
 ``kernel_regularizer=`` ``LInf()``, ``Margin()``, ``SoftMinMax()``, ``Foothill()``, each
 constructed with no argument (the library's defaults). Every run trains with Adam 1e-3, batch
-128, the same training images and epochs, for each seed; the float model is then post-training
+128, on the same 20,000 training images for 3 epochs (469 steps), for each seed; the float model is then post-training
 quantized by `tfqreg.ptq.sweep` (device-faithful: every BatchNorm folded into its layer first,
 symmetric grid ``δ = max|w'|/(2^(b−1) − 1)``), WEIGHTS ONLY (activations stay float), and
 evaluated on the 10,000 test images. Columns: FP32, per-tensor W4 and W3, per-channel W3.
@@ -26,7 +26,7 @@ A row is a regularizer name, optionally with constructor arguments (``"linf:l=0.
 BatchNorm statistics: after training, every model's BatchNorm moving mean/variance are set to
 the batch statistics of 2,048 training images under the final weights
 (`common.recalibrate_batchnorm`, no weight changes; a no-op for the BN-free models), the same
-for every row. The runs here are short (703 steps), and with Keras' momentum 0.99 the moving
+for every row. The runs here are short (469 steps), and with Keras' momentum 0.99 the moving
 statistics still lag the weights that early: plain ds_cnn evaluated with them scores 51 % after
 469 steps and 87.5 % after 938 (benchmarks/robustness.py), which would measure the lag, not the
 regularizers.
@@ -158,8 +158,8 @@ def main(argv=None):
     p.add_argument("--rows", nargs="+", default=list(ROWS))
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--train-size", type=int, default=30000,
-                   help="the first N training images (default 30,000 of 60,000)")
+    p.add_argument("--train-size", type=int, default=20000,
+                   help="the first N training images (default 20,000 of 60,000)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
     args = p.parse_args(argv)

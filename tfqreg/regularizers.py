@@ -6,10 +6,10 @@ registered under the package ``tfqreg`` and has a short string alias:
 
 - ``"foothill"``: ``Foothill(l=1e-4, alpha=1, beta=2, center=0)``, ``l·Σ f(|w| − c)``,
   ``f(x) = α·x·tanh(βx/2)``
-- ``"linf"``: ``LInf(l=0.002)``, ``l·max|u|``
-- ``"margin"``: ``Margin(l=0.002, power=2, margin_weight=1)``,
+- ``"linf"``: ``LInf(l=0.01)``, ``l·max|u|``
+- ``"margin"``: ``Margin(l=0.01, power=2, margin_weight=1)``,
   ``l·[Σ relu(|u| − |M|)^p + γ·|M|]``, learnable M
-- ``"soft_min_max"``: ``SoftMinMax(l=0.002, eta=1)``, ``l·[smax(u) − smin(u) + η·e^{−a}]``,
+- ``"soft_min_max"``: ``SoftMinMax(l=0.01, eta=1)``, ``l·[smax(u) − smin(u) + η·e^{−a}]``,
   learnable hardness a
 
 where ``u = w / rms(w)`` (``normalize="scale"``, the default of the three range regularizers;
@@ -45,8 +45,8 @@ gradient to task gradient, per kernel, differed 6× between the median kernels o
 architectures with the raw penalty, 3.8× with the normalised one; dividing by the number of
 kernels (4 to 10) would have widened it.
 
-Default strengths (``normalize="scale"``): ``LInf(0.002)``, ``Margin(0.002)``,
-``SoftMinMax(0.002)``, chosen on four architectures (a BN-free CNN, a depthwise-separable CNN with
+Default strengths (``normalize="scale"``): ``LInf(0.01)``, ``Margin(0.01)``,
+``SoftMinMax(0.01)``, chosen on four architectures (a BN-free CNN, a depthwise-separable CNN with
 BatchNorm, a residual network with BatchNorm, an MLP; benchmarks/defaults_transfer.py, whose table
 is in the README). The raw defaults they replace (``LInf(0.05, normalize="none")`` etc.) were set
 on the BN-free CNN alone. ``Foothill(1e-4, alpha=1, beta=2)`` equals
@@ -657,7 +657,7 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
 # --------------------------------------------------------------------------------------------
 
 #: default strengths of the range regularizers on the ``normalize="scale"`` scale
-_DEFAULT_L = {"linf": 0.002, "margin": 0.002, "soft_min_max": 0.002}
+_DEFAULT_L = {"linf": 0.01, "margin": 0.01, "soft_min_max": 0.01}
 
 @register
 class Foothill(_TensorRegularizer):
@@ -695,7 +695,7 @@ class LInf(_TensorRegularizer):
     """``l · max|u|``, ``u = w / rms(w)`` (R² range regularization, L∞ form; methods.md §2).
 
     Args:
-        l: strength (> 0), the weight of ``max|w| / rms(w)`` per kernel. Default 0.002 (chosen
+        l: strength (> 0), the weight of ``max|w| / rms(w)`` per kernel. Default 0.01 (chosen
             on four architectures, see the module docstring). With ``normalize="none"``, the
             weight of ``max|w|`` (the earlier meaning; 0.05 was its default).
         fold_batchnorm: penalise the kernel as the device quantizes it, ``w·γ/√(σ²+ε)``, when a
@@ -732,7 +732,7 @@ class Margin(_TensorRegularizer):
     ``margin`` or, by default, to max|u| at build time.
 
     Args:
-        l: strength (> 0). Default 0.002 (``normalize="none"``: 0.05 was the earlier default).
+        l: strength (> 0). Default 0.01 (``normalize="none"``: 0.05 was the earlier default).
         power: p ≥ 1. Default 2.
         margin_weight: γ > 0, the weight of the |M| term. Default 1.
         margin: initial M (> 0), or ``None`` for max|u| of the freshly initialised weight.
@@ -782,7 +782,7 @@ class SoftMinMax(_TensorRegularizer):
     max − min). The η·e^{−a} term keeps a from collapsing to 0 (where smax − smin → 0).
 
     Args:
-        l: strength (> 0), the weight of the range in rms units per kernel. Default 0.002
+        l: strength (> 0), the weight of the range in rms units per kernel. Default 0.01
             (``normalize="none"``: the range in the weights' units; 0.05 was the earlier default).
         eta: η > 0. Default 1.
         hardness: initial a (> 0), or ``None`` for 10/max|u| at build time.
