@@ -48,12 +48,14 @@ process on the same global batches. BatchNorm is the exception Keras makes: its 
 are per replica unless the layer is ``BatchNormalization(synchronized=True)``; this script
 rebuilds the model with synchronized BatchNorm (statistics of the global batch, one more
 all-reduce per BatchNorm layer), so that the whole step, and the moving statistics that the
-folded-kernel terms and the TFLite converter use, are the same as on one machine.
+folded-kernel terms and the TFLite converter use, are the same as on one machine. (tf_keras
+does not save the ``synchronized`` flag: a reloaded model has ordinary BatchNorm layers, which
+is all inference needs.)
 
 What to create inside ``strategy.scope()``
 ------------------------------------------
 Everything that owns variables the step updates: the model (its kernel regularizers create
-their learnable parameters, e.g. ``Margin``'s M or ``MSQE``'s δ, together with the layer's
+their learnable parameters, e.g. ``Margin``'s M or ``SoftMinMax``'s a, together with the layer's
 weights, so they are mirrored with them), the ``TrainingModel`` and its terms (``LearnableMSQE``
 creates α and δ when the TrainingModel attaches it), the optimizer, and ``compile``. ``fit``,
 the callbacks and the data may be created outside. Created outside the scope, a variable is a
@@ -88,9 +90,11 @@ The kernels are exported as trained, not snapped with ``training.round_to_grid``
 converters put each output channel on their own grid (its max |w| sets the step), and in a
 short run the learned δ of a BatchNorm-folded kernel lags behind the fast-moving BatchNorm
 statistics (18 steps of the ``--quick`` set-up on one process: snapping to the learned grid
-cost 47 points of test accuracy, to the per-channel max |w| grid 1.5). Also written: ``final_weights.npz`` (every weight of
-the TrainingModel, α and δ included, as the workers hold them after ``fit``) and ``run.json``
-(steps, history, test accuracies).
+cost 47 points of test accuracy, to the per-channel max |w| grid 1.5). The other workers wait
+for the chief's export before they exit (a worker that exits earlier shows up in the chief's
+log as a crashed task). Also written: ``final_weights.npz`` (every weight of the TrainingModel,
+α and δ included, as the workers hold them after ``fit``) and ``run.json`` (steps, history,
+test accuracies).
 """
 
 from __future__ import annotations
