@@ -1,0 +1,294 @@
+"""Gradient-ℓ1's fast forms and its scale-free strength, against independent computations: the
+exact double backprop written out by hand, NumPy, and the single-device step."""
+
+import numpy as np
+import pytest
+
+import tfqreg  # noqa: F401
+from tfqreg import training
+from tfqreg._keras import keras, tf
+
+F64 = "float64"
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def mlp64(seed=0, act="tanh", hidden=5):
+    tf.random.set_seed(seed)
+    inp = keras.Input((3,), dtype=F64)
+    h = keras.layers.Dense(hidden, activation=act, dtype=F64, name="d1")(inp)
+    out = keras.layers.Dense(2, dtype=F64, name="d2")(h)
+    return keras.Model(inp, out, name="mlp64")
+
+
+def batch64(n=8, seed=1):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 3)).astype("float32").astype(F64)
+    return x, rng.integers(0, 2, size=n)
+
+
+def bn_cnn(seed=0, batchnorm=True):
+    tf.random.set_seed(seed)
+    inp = keras.Input((8, 8, 1))
+    h = keras.layers.Conv2D(4, 3, name="c1")(inp)
+    if batchnorm:
+        h = keras.layers.BatchNormalization(name="bn")(h)
+    h = keras.layers.Activation("tanh")(h)
+    h = keras.layers.Flatten()(h)
+    h = keras.layers.Dense(6, activation="tanh", name="d1")(h)
+    out = keras.layers.Dense(3, name="d2")(h)
+    return keras.Model(inp, out)
+
+
+def exact_sgd_update(model, x, y, lambda_w, lambda_a, lr):
+    """One SGD step on ``CE + λ_w Σ‖∇_W CE‖₁ + λ_a Σ‖∇_a CE‖₁`` of mlp64, by hand."""
+    d1, d2 = model.get_layer("d1"), model.get_layer("d2")
+    with tf.GradientTape() as tape:
+        with tf.GradientTape() as inner:
+            h = d1(tf.constant(x))
+            inner.watch(h)
+            o = d2(h)
+            inner.watch(o)
+            task = CE(y, o)
+        gs = inner.gradient(task, [d1.kernel, d2.kernel, h, o])
+        total = task + lambda_w * sum(tf.reduce_sum(tf.abs(g)) for g in gs[:2]) \
+            + lambda_a * sum(tf.reduce_sum(tf.abs(g)) for g in gs[2:])
+    grads = tape.gradient(total, model.trainable_variables)
+    return [v.numpy() - lr * g.numpy() for v, g in zip(model.trainable_variables, grads)]
+
+
+def fd_model(epsilon, **kw):
+    m = training.TrainingModel(mlp64(seed=6), terms=[training.GradientL1(
+        0.2, 0.1, method="finite_difference", epsilon=epsilon, **kw)])
+    m.compile(keras.optimizers.SGD(0.125), CE)
+    return m
+
+
+# ------------------------------------------------------------------------------------------
+# finite-difference form
+# ------------------------------------------------------------------------------------------
+
+
+def test_finite_difference_step_converges_to_the_exact_step():
+    x, y = batch64()
+    ref = mlp64(seed=6)
+    expected = exact_sgd_update(ref, x, y, 0.2, 0.1, 0.125)
+    start = [v.numpy() for v in ref.trainable_variables]
+    errors = []
+    for eps in (1e-2, 1e-3, 1e-4):
+        model = fd_model(eps)
+        model.inner.set_weights(start)
+        logs = model.train_on_batch(x, y, return_dict=True)
+        got = [v.numpy() for v in model.inner.trainable_variables]
+        # error of the update (not of the weights, which barely move)
+        num = sum(np.sum((g - e) ** 2) for g, e in zip(got, expected))
+        den = sum(np.sum((e - s) ** 2) for e, s in zip(expected, start))
+        errors.append(np.sqrt(num / den))
+    assert errors[2] < 1e-3, errors
+    # first-order convergence: a wrong direction or scale would not shrink with ε
+    assert errors[1] < errors[0] / 5 and errors[2] < errors[1] / 5, errors
+    # the logged norms are the exact ones (first pass), and task_loss is the unperturbed loss
+    with tf.GradientTape() as t:
+        task = CE(y, ref(tf.constant(x)))
+    gk = t.gradient(task, [ref.get_layer("d1").kernel, ref.get_layer("d2").kernel])
+    np.testing.assert_allclose(logs["grad_l1_w"], sum(np.abs(g.numpy()).sum() for g in gk),
+                               rtol=1e-6)
+    np.testing.assert_allclose(logs["task_loss"], task.numpy(), rtol=1e-6)
+
+
+def test_finite_difference_with_batchnorm_matches_exact_and_restores_state():
+    rng = np.random.default_rng(2)
+    x = tf.constant(rng.normal(size=(16, 8, 8, 1)).astype("float32"))
+    y = tf.constant(rng.integers(0, 3, 16))
+    model = bn_cnn()
+    bn = model.get_layer("bn")
+    bn.moving_variance.assign(tf.constant([0.5, 2.0, 1.0, 4.0]))  # the fold scale matters
+    term = training.GradientL1(1e-2, 1e-2, method="finite_difference", epsilon=1e-3)
+    term.attach(model)
+    variables = model.trainable_variables
+
+    def forward():
+        return CE(y, model(x, training=True)), None
+
+    moving = (bn.moving_mean, bn.moving_variance)
+    moving_before = [v.numpy() for v in moving]
+    with tf.GradientTape() as tape:
+        task, _, nw, na = term.forward(forward)
+        total = task + 1e-2 * nw + 1e-2 * na
+    exact = tape.gradient(total, variables)
+    before = [v.numpy() for v in variables]
+    for v, b in zip(moving, moving_before):
+        v.assign(b)
+    grads, task2, _, _, nw2, na2 = term.finite_difference(model, forward, lambda: None, variables)
+    moving_fd = [v.numpy() for v in moving]
+    # trainable weights restored bit for bit; BatchNorm statistics as ONE forward pass leaves them
+    for b, v in zip(before, variables):
+        np.testing.assert_array_equal(b, v.numpy())
+    for v, b in zip(moving, moving_before):
+        v.assign(b)
+    model(x, training=True)
+    for f, v in zip(moving_fd, moving):
+        np.testing.assert_array_equal(f, v.numpy())
+    assert not np.array_equal(moving_fd[0], moving_before[0])
+    np.testing.assert_allclose(nw2.numpy(), nw.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(na2.numpy(), na.numpy(), rtol=1e-5)
+    with tf.GradientTape() as tape:
+        plain = CE(y, model(x, training=True))
+    g0 = tape.gradient(plain, variables)
+    # the exact form also differentiates the fold scale's γ inside the norm; the FD form holds
+    # the direction constant, so γ is compared more loosely
+    scale = np.sqrt(sum(np.sum((e - p).numpy() ** 2) for e, p in zip(exact, g0)))
+    for i, v in enumerate(variables):
+        a, b = (exact[i] - g0[i]).numpy().ravel(), (grads[i] - g0[i]).numpy().ravel()
+        err = np.linalg.norm(a - b) / scale  # (the conv bias before a BatchNorm has ~0)
+        assert err < (0.15 if "gamma" in v.name else 0.02), (v.name, err)
+
+
+def test_finite_difference_refuses_random_layers():
+    inp = keras.Input((4,))
+    h = keras.layers.Dropout(0.5, name="drop")(keras.layers.Dense(4)(inp))
+    model = keras.Model(inp, keras.layers.Dense(2)(h))
+    with pytest.raises(ValueError, match="drop.*method='exact'"):
+        training.TrainingModel(model, terms=[training.GradientL1(method="finite_difference")])
+    training.TrainingModel(model, terms=[training.GradientL1()])  # exact is fine
+
+
+def test_finite_difference_under_mirrored_strategy_matches_single_device(distribute_scope):
+    rng = np.random.default_rng(3)
+    x = rng.random((32, 8, 8, 1)).astype("float32")
+    y = rng.integers(0, 3, 32)
+
+    def build():
+        # no BatchNorm: its batch statistics are per replica, so no model with one matches
+        m = training.TrainingModel(bn_cnn(seed=4, batchnorm=False), terms=[training.GradientL1(
+            1e-2, 1e-2, method="finite_difference", every=2)])
+        m.compile(keras.optimizers.SGD(0.1), CE)
+        return m
+
+    single = build()
+    weights = single.get_weights()
+    with distribute_scope.scope():
+        dist = build()
+    dist.set_weights(weights)
+    h1 = single.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    h2 = dist.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0).history
+    for a, b in zip(single.get_weights(), dist.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    for key in ("loss", "task_loss", "grad_l1_w", "grad_l1_a"):
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-4, atol=1e-6, err_msg=key)
+    assert not np.allclose(weights[0], single.get_weights()[0])
+
+
+# ------------------------------------------------------------------------------------------
+# lazy regularization
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_lazy_term_is_applied_every_kth_step_scaled_by_k(method):
+    x, y = batch64(seed=7)
+    k = 3
+    lazy = training.TrainingModel(mlp64(seed=6), terms=[training.GradientL1(
+        0.2, 0.1, method=method, every=k, epsilon=1e-5)])
+    lazy.compile(keras.optimizers.SGD(0.125), CE)
+    ref = mlp64(seed=6)
+    ref.set_weights(lazy.inner.get_weights())
+    logs = [lazy.train_on_batch(x, y, return_dict=True, reset_metrics=False)
+            for _ in range(k + 1)]
+    plain = training.TrainingModel(mlp64(seed=6))
+    plain.compile(keras.optimizers.SGD(0.125), CE)
+    for step in range(k + 1):
+        if step % k == 0:
+            new = exact_sgd_update(ref, x, y, 0.2 * k, 0.1 * k, 0.125)
+            for v, w in zip(ref.trainable_variables, new):
+                v.assign(w)
+        else:
+            plain.inner.set_weights(ref.get_weights())
+            plain.train_on_batch(x, y)
+            ref.set_weights(plain.inner.get_weights())
+    tol = 1e-9 if method == "exact" else 1e-5
+    for a, b in zip(lazy.inner.get_weights(), ref.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=tol, atol=tol)
+    # plain steps add nothing to the term's mean: it stays the first step's value
+    assert logs[1]["grad_l1_w"] == logs[0]["grad_l1_w"] > 0
+
+
+def test_lazy_fit_switches_and_survives_a_second_fit():
+    x, y = batch64(n=32, seed=8)
+    model = training.TrainingModel(mlp64(seed=1), terms=[training.GradientL1(
+        0.1, method="finite_difference", every=4, start_step=2)])
+    model.compile(keras.optimizers.SGD(0.1), CE)
+    h = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
+    h2 = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
+    assert h["grad_l1_w"][0] > 0 and h2["grad_l1_w"][0] > 0
+    assert np.isfinite(h2["loss"][0])
+
+
+# ------------------------------------------------------------------------------------------
+# reduction="step": the first-order bound on the loss increase at `bits` bits
+# ------------------------------------------------------------------------------------------
+
+
+def test_step_reduction_value_equals_numpy():
+    x, y = batch64(seed=9)
+    model = mlp64(seed=3, act="relu")
+    term = training.GradientL1(0.3, 0.7, reduction="step", bits=3)
+    out = term.penalty(model, tf.constant(x), y, CE, training=False)
+    d1, d2 = model.get_layer("d1"), model.get_layer("d2")
+    with tf.GradientTape() as tape:
+        h = d1(tf.constant(x))
+        tape.watch(h)
+        o = d2(h)
+        tape.watch(o)
+        loss = CE(y, o)
+    gk1, gk2, gh, go = [g.numpy() for g in tape.gradient(loss, [d1.kernel, d2.kernel, h, o])]
+    norm_w = sum(0.5 * np.abs(k.numpy()).max() / 3 * np.abs(g).sum()
+                 for k, g in ((d1.kernel, gk1), (d2.kernel, gk2)))
+    norm_a = sum(0.5 * (max(a.max(), 0) - min(a.min(), 0)) / 7 * np.abs(g).sum()
+                 for a, g in ((h.numpy(), gh), (o.numpy(), go)))
+    np.testing.assert_allclose(out["norm_w"].numpy(), norm_w, rtol=1e-10)
+    np.testing.assert_allclose(out["norm_a"].numpy(), norm_a, rtol=1e-10)
+    np.testing.assert_allclose(out["penalty"].numpy(), 0.3 * norm_w + 0.7 * norm_a, rtol=1e-10)
+
+
+def test_step_reduction_is_invariant_to_moving_scale_between_relu_layers():
+    x, y = batch64(seed=10)
+    a, b = mlp64(seed=2, act="relu"), mlp64(seed=2, act="relu")
+    b.set_weights(a.get_weights())
+    c = 8.0
+    d1, d2 = b.get_layer("d1"), b.get_layer("d2")
+    d1.kernel.assign(d1.kernel * c)
+    d1.bias.assign(d1.bias * c)
+    d2.kernel.assign(d2.kernel / c)  # relu(c·z)/c = relu(z): the same function
+    np.testing.assert_allclose(a(x).numpy(), b(x).numpy(), rtol=1e-10)
+    for reduction, invariant in (("step", True), ("sum", False)):
+        pa = training.GradientL1(1.0, reduction=reduction).penalty(a, x, y, CE)["norm_w"]
+        pb = training.GradientL1(1.0, reduction=reduction).penalty(b, x, y, CE)["norm_w"]
+        assert np.isclose(pa.numpy(), pb.numpy(), rtol=1e-9) == invariant, reduction
+
+
+# ------------------------------------------------------------------------------------------
+# arguments and configs
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"method": "fd"}, "`method`"), ({"every": 0}, "`every`"), ({"every": 2.0}, "`every`"),
+    ({"epsilon": 0.0}, "`epsilon`"), ({"epsilon": "1e-3"}, "`epsilon`"),
+    ({"reduction": "max"}, "`reduction`"), ({"bits": 1}, "`bits`"),
+])
+def test_bad_fast_form_arguments_name_the_argument(kwargs, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        training.GradientL1(**kwargs)
+
+
+def test_new_arguments_round_trip_and_old_configs_keep_their_meaning():
+    term = training.GradientL1(0.05, 0.02, reduction="step", bits=3, method="finite_difference",
+                               every=4, epsilon=1e-3)
+    again = training.get(training.serialize(term))
+    for key in ("lambda_w", "lambda_a", "reduction", "bits", "method", "every", "epsilon"):
+        assert getattr(again, key) == getattr(term, key), key
+    old = {k: v for k, v in term.get_config().items()
+           if k not in ("bits", "method", "every", "epsilon")}
+    old["reduction"] = "sum"
+    restored = training.GradientL1.from_config(old)
+    assert (restored.method, restored.every, restored.reduction) == ("exact", 1, "sum")

@@ -1,0 +1,268 @@
+"""What the training terms share: argument checks, finding the kernels a term acts on (and
+the BatchNorm folded into them), and the base class of the terms."""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from tfqreg import _checks, fold, grid
+from tfqreg._keras import check_keras2, keras, tf
+
+REDUCTIONS = ("sum", "mean", "step")
+METHODS = ("exact", "finite_difference")
+_KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
+
+# ---------------------------------------------------------------------------------------------
+# Argument checks (one helper; every message names the argument)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check(cls_name: str, **kwargs):
+    """Validate constructor arguments of the terms; raise ValueError/TypeError naming them."""
+    def number(name, value):
+        return _checks.check_real(name, value, owner=cls_name)
+
+    out = {}
+    for name, value in kwargs.items():
+        if name in ("lambda_w", "lambda_a"):
+            value = number(name, value)
+            if value < 0:
+                raise ValueError(f"{cls_name}: `{name}` must be >= 0, got {value}.")
+        elif name == "beta":
+            value = number(name, value)
+            if value <= 0:
+                raise ValueError(f"{cls_name}: `beta` must be > 0, got {value}.")
+        elif name in ("alpha_init", "alpha_max"):
+            value = number(name, value)
+        elif name == "fraction":
+            value = number(name, value)
+            if not 0.0 < value < 1.0:
+                raise ValueError(f"{cls_name}: `fraction` must be in (0, 1), got {value}.")
+        elif name == "bits":
+            value = grid.check_bits(value, name="bits")
+        elif name in ("start_step", "start_epoch"):
+            if value is not None:
+                if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                    raise TypeError(f"{cls_name}: `{name}` must be an integer, got {value!r}.")
+                if value < 0:
+                    raise ValueError(f"{cls_name}: `{name}` must be >= 0, got {value}.")
+                value = int(value)
+        elif name in ("layers", "activations"):
+            if value is not None:
+                if isinstance(value, str):
+                    value = [value]
+                if not isinstance(value, (list, tuple)):
+                    raise TypeError(f"{cls_name}: `{name}` must be a list of layer names, got "
+                                    f"{value!r} ({type(value).__name__}).")
+                value = list(value)
+                bad = [v for v in value if not isinstance(v, str)]
+                if bad:
+                    raise TypeError(f"{cls_name}: `{name}` must be layer names (str), got {bad!r}.")
+                if not value:
+                    raise ValueError(f"{cls_name}: `{name}` is empty; use None for the default.")
+        elif name == "reduction":
+            if value not in REDUCTIONS:
+                raise ValueError(f"{cls_name}: `reduction` must be one of {list(REDUCTIONS)}, "
+                                 f"got {value!r}.")
+        elif name == "method":
+            if value not in METHODS:
+                raise ValueError(f"{cls_name}: `method` must be one of {list(METHODS)}, got "
+                                 f"{value!r}.")
+        elif name == "every":
+            value = _checks.check_int("every", value, low=1, high=10_000, owner=cls_name)
+        elif name == "epsilon":
+            value = number(name, value)
+            if not 0.0 < value <= 0.5:
+                raise ValueError(f"{cls_name}: `epsilon` must be in (0, 0.5], got {value}.")
+        out[name] = value
+    if "alpha_init" in out and "alpha_max" in out and out["alpha_init"] > out["alpha_max"]:
+        raise ValueError(
+            f"{cls_name}: `alpha_init` ({out['alpha_init']}) must be <= `alpha_max` "
+            f"({out['alpha_max']})."
+        )
+    if "alpha_max" in out and out["alpha_max"] > 80:
+        raise ValueError(f"{cls_name}: `alpha_max` must be <= 80 (e^α overflows), got "
+                         f"{out['alpha_max']}.")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding kernels and layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernel_layer_types():
+    L = keras.layers
+    return tuple(
+        getattr(L, n)
+        for n in ("Dense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D",
+                  "SeparableConv1D", "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose",
+                  "Conv3DTranspose")
+        if hasattr(L, n)
+    )
+
+
+def _unwrap(layer):
+    """The layer a (TFMOT / Keras) wrapper wraps, recursively; the layer itself otherwise."""
+    while isinstance(layer, keras.layers.Wrapper) and hasattr(layer, "layer"):
+        layer = layer.layer
+    return layer
+
+
+def _short_name(variable) -> str:
+    return variable.name.split("/")[-1].split(":")[0]
+
+
+def _walk_layers(model) -> List:
+    """All layers of ``model`` (recursively), outermost wrapper only for wrapped layers."""
+    seen, out, covered = set(), [], set()
+    try:
+        layers = list(model._flatten_layers(include_self=False, recursive=True))
+    except AttributeError:  # pragma: no cover - every Keras 2 layer has it
+        layers = list(getattr(model, "layers", []))
+    for layer in layers:
+        if isinstance(layer, keras.layers.Wrapper):
+            inner = layer
+            while isinstance(inner, keras.layers.Wrapper) and hasattr(inner, "layer"):
+                inner = inner.layer
+                covered.add(id(inner))
+    for layer in layers:
+        if id(layer) in seen or id(layer) in covered:
+            continue
+        seen.add(id(layer))
+        out.append(layer)
+    return out
+
+
+def _kernels_of(layer) -> List:
+    # the outer layer: TFMOT's wrapper moves the kernel out of the wrapped layer's weights
+    return [v for v in layer.trainable_weights if _short_name(v) in _KERNEL_NAMES]
+
+
+def _fold_scale(layer, kernel):
+    """``(layer, BatchNorm)`` when ``kernel`` is the main kernel of a plain layer that a
+    BatchNorm folds into (:mod:`tfqreg.fold`), else ``None``."""
+    bn = fold.batchnorm_for_kernel(layer, kernel)
+    return None if bn is None else (layer, bn)
+
+
+def _folded(info, kernel) -> tf.Tensor:
+    """The kernel the device quantizes (``kernel`` itself when ``info`` is ``None``)."""
+    if info is None:
+        return kernel
+    layer, bn = info
+    return tf.cast(fold.fold_kernel(layer, kernel, fold.batchnorm_scale(bn)), kernel.dtype)
+
+
+def _unfolded(info, kernel, folded_value) -> tf.Tensor:
+    """The raw kernel whose fold is ``folded_value`` (``w = w'/s``; channels with ``s = 0``
+    keep their raw value: a BatchNorm with γ = 0 zeroes them anyway)."""
+    if info is None:
+        return folded_value
+    layer, bn = info
+    s = fold.batchnorm_scale(bn)
+    inv = tf.math.divide_no_nan(tf.ones_like(s), s)
+    raw = tf.cast(fold.fold_kernel(layer, folded_value, inv), kernel.dtype)
+    dead = tf.cast(fold.fold_kernel(layer, tf.ones_like(kernel), tf.cast(
+        tf.equal(s, 0.0), tf.float32)), tf.bool)
+    return tf.where(dead, tf.convert_to_tensor(kernel), raw)
+
+
+def kernel_layers(model, layers: Optional[Sequence[str]] = None, owner: str = "term") -> list:
+    """The layers whose kernels a term regularizes, as ``[(layer, [kernel variables])]``.
+
+    Args:
+        model: a built Keras 2 model.
+        layers: layer names (the wrapper's or the wrapped layer's name for TFMOT models);
+            ``None`` for every Dense / Conv / Depthwise / Separable layer with a trainable kernel.
+        owner: used in error messages.
+
+    Raises:
+        ValueError: a name is not in the model, or the named layer has no trainable kernel.
+    """
+    check_keras2(model, "model")
+    types = _kernel_layer_types()
+    all_layers = _walk_layers(model)
+    if layers is None:
+        found = [(l, _kernels_of(l)) for l in all_layers if isinstance(_unwrap(l), types)]
+        found = [(l, k) for l, k in found if k]
+        if not found:
+            raise ValueError(f"{owner}: model '{model.name}' has no Dense/Conv layer with a "
+                             "trainable kernel (is it built?).")
+        return found
+    by_name = {}
+    for l in all_layers:
+        by_name.setdefault(l.name, l)
+        by_name.setdefault(_unwrap(l).name, l)
+    found = []
+    for name in layers:
+        if name not in by_name:
+            known = ", ".join(sorted(l.name for l in all_layers))
+            raise ValueError(f"{owner}: layer '{name}' (in `layers`) not found in model "
+                             f"'{model.name}'. Layers: {known}.")
+        kernels = _kernels_of(by_name[name])
+        if not kernels:
+            raise ValueError(f"{owner}: layer '{name}' has no trainable kernel.")
+        found.append((by_name[name], kernels))
+    return found
+
+
+def _layers_by_name(model, names: Sequence[str], owner: str) -> list:
+    all_layers = _walk_layers(model)
+    by_name = {}
+    for l in all_layers:
+        by_name.setdefault(l.name, l)
+        by_name.setdefault(_unwrap(l).name, l)
+    out = []
+    for name in names:
+        if name not in by_name:
+            known = ", ".join(sorted(l.name for l in all_layers))
+            raise ValueError(f"{owner}: layer '{name}' (in `activations`) not found in model "
+                             f"'{model.name}'. Layers: {known}.")
+        out.append(by_name[name])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Terms
+# ---------------------------------------------------------------------------------------------
+
+
+class _Term(keras.layers.Layer):
+    """Base: a Keras layer so its variables are weights of the TrainingModel that tracks it."""
+
+    #: base names of the metrics this term logs (made unique by TrainingModel)
+    metric_names: Tuple[str, ...] = ()
+
+    def __init__(self, name=None, **kwargs):
+        super().__init__(name=name, **kwargs)
+        self._model = None
+
+    @property
+    def model(self):
+        """The model the term is attached to (``None`` before :meth:`attach`)."""
+        return self._model
+
+    @property
+    def attached(self) -> bool:
+        return self._model is not None
+
+    def attach(self, model) -> None:
+        """Resolve the layers of ``model`` this term acts on and create its variables."""
+        check_keras2(model, "model")
+        if self._model is not None:
+            if self._model is model:
+                return
+            raise ValueError(f"{type(self).__name__} '{self.name}' is already attached to model "
+                             f"'{self._model.name}'; create a new term for '{model.name}'.")
+        self._attach(model)
+        self._model = model
+
+    def _attach(self, model):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def call(self, inputs=None):  # terms are not layers of the data path
+        return inputs
+

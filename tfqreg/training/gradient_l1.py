@@ -1,0 +1,410 @@
+"""Gradient-ℓ1 (Alizadeh et al., ICLR 2020): ``λ_w Σ_l ‖∇_{W_l} L‖₁ + λ_a Σ_l ‖∇_{a_l} L‖₁``.
+
+Quantizing a tensor with step δ moves each element by at most δ/2, so to first order the loss
+rises by at most ``δ/2 · ‖∇L‖₁``: a model with small gradient ℓ1 norms survives any bit width.
+
+Two ways to compute the gradient of the term (``method=``)
+------------------------------------------------------------
+* ``"exact"``: double backprop. An inner ``GradientTape`` gives ``∇L``, an outer one
+  differentiates ``L + λ‖∇L‖₁`` through it: one forward pass, a backward pass and the backward
+  pass of the backward pass (~2.5-3 plain steps on a CNN).
+* ``"finite_difference"``: the gradient of ``‖g‖₁`` (``g = ∇_W L``) is ``H·v`` with
+  ``v = sign(g)`` (weighted as the norm is) and ``H`` the Hessian, one Hessian-vector product,
+  which ``(∇L(W + ε·v) − ∇L(W)) / ε`` approximates with ONE more forward and backward pass
+  (~2 plain steps). The activation term is the same directional derivative: perturbing every
+  recorded activation ``a_l`` by ``ε_a·sign(∇_{a_l} L)`` in the same second pass adds
+  ``ε_a·∇_θ Σ_l ‖∇_{a_l} L‖₁`` to its gradient. Both perturbations share one pass, with
+  ``ε_w = t·λ_w`` and ``ε_a = t·λ_a``, so ``(g' − g)/t`` is the whole term's gradient.
+  ``t`` is scale-free: the weight perturbation's RMS is ``epsilon`` times the kernels' RMS (or,
+  for activations only, the activations'). This is the "gradient norm penalty" estimator of
+  Zhao et al. (ICML 2022), for the ℓ1 norm. It needs a deterministic forward pass (no Dropout
+  or random augmentation layers in the model: refused with a clear error), and the second pass
+  leaves BatchNorm moving statistics (every non-trainable variable that the forward pass
+  updates) as the first pass left them. It treats ``v``'s dependence on the BatchNorm scale of
+  a folded kernel as constant (the exact form differentiates it).
+
+Lazy regularization (``every=k``): the term is computed on every k-th step only, scaled by k
+(StyleGAN2's lazy R1), so its average cost is ``1/k`` of the extra cost.
+
+What ``λ`` means (``reduction=``)
+---------------------------------
+* ``"sum"``: the paper's form, ``Σ |g|`` over all elements; its size grows with the model.
+* ``"mean"``: each tensor's ℓ1 norm divided by its size (per example for activations).
+* ``"step"``: each tensor's ℓ1 norm times half its ``bits``-bit quantization step
+  (``δ = max|W'|/(2^(b−1)−1)`` per tensor for kernels, ``δ = (max(a,0) − min(a,0))/(2^b − 1)``
+  per batch for activations, both held constant): the term is the first-order bound on the loss
+  increase from rounding to that grid, in units of the loss, so ``λ`` is dimensionless and does
+  not change when a layer's weights are rescaled (ReLU networks are invariant to moving scale
+  between layers; the bound is, the raw ``Σ|g|`` is not).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from tfqreg import fold
+from tfqreg._keras import keras, register, tf
+from tfqreg.training._capture import _install_hook, _recording, register_fake_quant_second_order
+from tfqreg.training._common import (_KERNEL_NAMES, _check, _fold_scale, _layers_by_name,
+                                     _short_name, _Term, _unwrap, _walk_layers, kernel_layers)
+
+__all__ = ["GradientL1"]
+
+_SUM_WARN_LAMBDA = 1e-3  # gradient-ℓ1 (sum) at or above this from step 0 tends to kill training
+_FROZEN_NAMES = set(_KERNEL_NAMES) | {"bias", "embeddings", "gamma", "beta"}
+
+
+def _random_layer_types() -> tuple:
+    """Keras layers whose training-mode forward pass draws random numbers."""
+    L = keras.layers
+    names = ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "RandomFlip",
+             "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomCrop",
+             "RandomHeight", "RandomWidth", "RandomBrightness")
+    return tuple(getattr(L, n) for n in names if hasattr(L, n))
+
+
+def _assign(variables: Sequence, values: Sequence) -> None:
+    """``v.assign(x)`` for each pair, from a replica context of any ``tf.distribute`` strategy
+    (a mirrored variable is updated on every device with that replica's value)."""
+    if not variables:
+        return
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        for v, x in zip(variables, values):
+            v.assign(x)
+        return
+    on_read = [i for i, v in enumerate(variables)
+               if getattr(v, "synchronization", None) == tf.VariableSynchronization.ON_READ]
+    for i in on_read:  # sync-on-read (e.g. BatchNorm statistics): each replica owns its copy
+        variables[i].assign(values[i])
+    rest = [i for i in range(len(variables)) if i not in set(on_read)]
+    if not rest:
+        return
+    mirrored = [variables[i] for i in rest]
+
+    def merge(strategy, *vals):
+        for v, x in zip(mirrored, vals):
+            strategy.extended.update(v, lambda var, t: var.assign(t), args=(x,), group=False)
+
+    tf.distribute.get_replica_context().merge_call(merge, args=tuple(values[i] for i in rest))
+
+
+@register
+class GradientL1(_Term):
+    """Gradient-ℓ1 regularization ``λ_w Σ‖∇_W L‖₁ + λ_a Σ‖∇_a L‖₁`` (see the module docstring).
+
+    Args:
+        lambda_w: strength on the kernels' gradients (``>= 0``). Its meaning depends on
+            ``reduction``; with ``reduction="sum"`` (the paper's form) λ ≥ 1e-2 from scratch
+            collapsed the benchmark CNN to chance, so a warning is raised for λ ≥ 1e-3 without a
+            late start.
+        lambda_a: strength on the activations' gradients (``>= 0``; 0 disables the capture).
+        layers: names of the layers whose kernels count (default: all Dense/Conv/Depthwise/
+            Separable kernels, incl. larq ``Quant*`` and TFMOT-wrapped ones).
+        activations: ``None`` for the outputs of the ``layers`` layers, or a list of layer names.
+        start_step: optimizer step from which the term is on.
+        start_epoch: epoch (0-based) from which the term is on (``fit`` only).
+        reduction: ``"sum"``, ``"mean"`` or ``"step"`` (module docstring).
+        bits: the grid of ``reduction="step"`` (2..16).
+        method: ``"exact"`` (double backprop) or ``"finite_difference"`` (one extra pass).
+        every: compute the term every ``every``-th step, scaled by ``every`` (1: every step).
+        epsilon: relative size of the finite-difference perturbation (``(0, 0.5]``).
+
+    BatchNorm: for a kernel that a BatchNorm folds into (:mod:`tfqreg.fold`), the weight term is
+    the gradient with respect to the FOLDED kernel ``w' = w·s`` (``s = γ/√(σ²+ε)``, moving
+    statistics), ``∇_{w'} L = ∇_w L / s`` per channel: the device quantizes ``w'``, so the
+    first-order loss increase of its rounding is ``δ'/2·‖∇_{w'} L‖₁``.
+    """
+
+    metric_names = ("gradient_l1", "grad_l1_w", "grad_l1_a")
+
+    def __init__(self, lambda_w: float = 1e-4, lambda_a: float = 0.0,
+                 layers: Optional[Sequence[str]] = None,
+                 activations: Optional[Sequence[str]] = None, start_step: int = 0,
+                 start_epoch: Optional[int] = None, reduction: str = "sum", bits: int = 4,
+                 method: str = "exact", every: int = 1, epsilon: float = 1e-3, name=None,
+                 **kwargs):
+        super().__init__(name=name, **kwargs)
+        args = _check("GradientL1", lambda_w=lambda_w, lambda_a=lambda_a, layers=layers,
+                      activations=activations, start_step=start_step, start_epoch=start_epoch,
+                      reduction=reduction, bits=bits, method=method, every=every,
+                      epsilon=epsilon)
+        if args["bits"] < 2:
+            raise ValueError(f"GradientL1: `bits` must be >= 2, got {args['bits']}.")
+        self.lambda_w = args["lambda_w"]
+        self.lambda_a = args["lambda_a"]
+        self.layer_names = args["layers"]
+        self.activation_names = args["activations"]
+        self.start_step = args["start_step"] or 0
+        self.start_epoch = args["start_epoch"]
+        self.reduction = reduction
+        self.bits = args["bits"]
+        self.method = method
+        self.every = args["every"]
+        self.epsilon = args["epsilon"]
+        if self.lambda_w == 0 and self.lambda_a == 0:
+            warnings.warn("GradientL1: lambda_w and lambda_a are both 0; the term does nothing.",
+                          stacklevel=2)
+        late = self.start_step > 0 or (self.start_epoch or 0) > 0
+        if reduction == "sum" and max(self.lambda_w, self.lambda_a) >= _SUM_WARN_LAMBDA and not late:
+            warnings.warn(
+                f"GradientL1: lambda {max(self.lambda_w, self.lambda_a):g} on the SUM of gradient "
+                "magnitudes from step 0 tends to collapse training to chance (λ ≥ 1e-2 did on the "
+                "benchmark CNN). Use start_step/start_epoch (train first, then regularize: 1e-3 "
+                "from epoch 1 kept FP32 there), a smaller λ (1e-4 is safe from step 0), or "
+                "reduction='step'.", stacklevel=2)
+        self._kernels: List = []
+        self._kernel_folds: List = []
+        self._kernel_sizes: List[int] = []
+        self._act_layers: List = []
+        self._random_layers: List[str] = []
+        self._model_ref = None
+
+    # -- config ---------------------------------------------------------------------------------
+    def get_config(self):
+        config = super().get_config()
+        config.update(lambda_w=self.lambda_w, lambda_a=self.lambda_a, layers=self.layer_names,
+                      activations=self.activation_names, start_step=self.start_step,
+                      start_epoch=self.start_epoch, reduction=self.reduction, bits=self.bits,
+                      method=self.method, every=self.every, epsilon=self.epsilon)
+        return config
+
+    # -- attach ---------------------------------------------------------------------------------
+    def _attach(self, model):
+        found = kernel_layers(model, self.layer_names, owner="GradientL1")
+        self._kernels = [k for _, ks in found for k in ks]
+        self._kernel_folds = [_fold_scale(l, k) for l, ks in found for k in ks]
+        self._kernel_sizes = [int(np.prod(k.shape)) for k in self._kernels]
+        if self.lambda_a > 0:
+            if self.activation_names is None:
+                self._act_layers = [l for l, _ in found]
+            else:
+                self._act_layers = _layers_by_name(model, self.activation_names, "GradientL1")
+            for layer in self._act_layers:
+                _install_hook(layer)
+        elif self.activation_names is not None:
+            _layers_by_name(model, self.activation_names, "GradientL1")  # validate the names
+        layers = _walk_layers(model)
+        if any(type(l).__module__.startswith("tensorflow_model_optimization") for l in layers):
+            register_fake_quant_second_order()
+        random_types = _random_layer_types()
+        self._random_layers = [l.name for l in layers if isinstance(_unwrap(l), random_types)]
+        if self.method == "finite_difference" and self._random_layers:
+            raise ValueError(
+                f"GradientL1(method='finite_difference'): model '{model.name}' has random "
+                f"layers {self._random_layers}; the finite difference compares two forward "
+                "passes, which must draw the same numbers. Use method='exact', or move the "
+                "random augmentation into the tf.data pipeline.")
+
+    @property
+    def kernels(self) -> list:
+        """The kernel variables whose gradients count."""
+        return list(self._kernels)
+
+    @property
+    def activation_layers(self) -> list:
+        """The layers whose outputs' gradients count (empty when ``lambda_a == 0``)."""
+        return list(self._act_layers)
+
+    def is_on(self, step: int, epoch: Optional[int]) -> bool:
+        """Whether the late-start schedule has the term on at ``step`` / ``epoch``."""
+        on = step >= self.start_step
+        if self.start_epoch is not None:
+            on = on and epoch is not None and epoch >= self.start_epoch
+        return on
+
+    # -- the functional core --------------------------------------------------------------------
+    def _norm_w(self, grads) -> tf.Tensor:
+        """``Σ_l c_l ‖∇_{W'_l} L‖₁`` for the kernels' gradients ``grads`` (same order)."""
+        terms = []
+        folds = getattr(self, "_kernel_folds", None) or [None] * len(grads)
+        levels = float(2 ** (self.bits - 1) - 1)
+        for g, n, info, k in zip(grads, self._kernel_sizes, folds, self._kernels):
+            w = k
+            if info is not None:  # gradient w.r.t. the folded kernel: ∇_w L / s
+                scale = fold.batchnorm_scale(info[1])
+                inv = tf.math.divide_no_nan(tf.ones_like(scale), scale)
+                g = tf.cast(fold.fold_kernel(info[0], g, inv), g.dtype)
+                w = fold.fold_kernel(info[0], k, scale)
+            s = tf.reduce_sum(tf.abs(g))
+            if self.reduction == "mean":
+                s = s / n
+            elif self.reduction == "step":
+                step = tf.stop_gradient(tf.cast(tf.reduce_max(tf.abs(w)), s.dtype)) / levels
+                s = 0.5 * step * s
+            terms.append(s)
+        return tf.add_n(terms) if terms else tf.constant(0.0)
+
+    def _norm_a(self, grads, activations) -> tf.Tensor:
+        """``Σ_l c_l ‖∇_{a_l} L‖₁`` for the recorded activations and their gradients."""
+        terms = []
+        levels = float(2 ** self.bits - 1)
+        for g, a in zip(grads, activations):
+            s = tf.reduce_sum(tf.abs(g))
+            if self.reduction == "mean":
+                per_example = (int(np.prod(g.shape[1:]))
+                               if g.shape.rank and g.shape[1:].is_fully_defined() else None)
+                s = s / float(per_example) if per_example else s / tf.cast(
+                    tf.reduce_prod(tf.shape(g)[1:]), s.dtype)
+            elif self.reduction == "step":
+                a = tf.stop_gradient(tf.cast(a, s.dtype))
+                span = tf.maximum(tf.reduce_max(a), 0.0) - tf.minimum(tf.reduce_min(a), 0.0)
+                s = 0.5 * (span / levels) * s
+            terms.append(s)
+        return tf.add_n(terms) if terms else tf.constant(0.0)
+
+    def _check_attached(self):
+        if self._model is None:
+            raise ValueError("GradientL1: attach the term to a model first (TrainingModel does).")
+
+    def forward(self, forward_fn, replicas: int = 1):
+        """Exact form: run ``forward_fn() -> (loss, extra)`` under an inner tape; return the
+        gradient norms, differentiable by an enclosing ``GradientTape``.
+
+        ``loss`` is this replica's share of the task loss (Keras scales it by 1/replicas).
+        Returns ``(loss, extra, norm_w, norm_a)`` where ``norm_w`` is the weight norm of the
+        all-reduced (global-batch) gradient and ``norm_a`` this replica's activation norm.
+        """
+        self._check_attached()
+        act_layers = self._act_layers if self.lambda_a > 0 else []
+        with tf.GradientTape() as inner, _recording(inner, act_layers) as recorder:
+            loss, extra = forward_fn()
+        kernels = self._kernels if self.lambda_w > 0 else []
+        grads_w, grads_a = inner.gradient(
+            loss, (kernels, recorder.tensors),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        grads_w = [tf.convert_to_tensor(g) for g in grads_w]
+        if replicas > 1 and grads_w:
+            grads_w = tf.distribute.get_replica_context().all_reduce("sum", grads_w)
+        self._check_recorded(act_layers, recorder)
+        dtype = loss.dtype
+        norm_w = tf.cast(self._norm_w(grads_w), dtype) if grads_w else tf.zeros([], dtype)
+        norm_a = (tf.cast(self._norm_a(grads_a, recorder.tensors), dtype) if grads_a
+                  else tf.zeros([], dtype))
+        return loss, extra, norm_w, norm_a
+
+    @staticmethod
+    def _check_recorded(act_layers, recorder):
+        if act_layers and not recorder.tensors:
+            raise ValueError(
+                "GradientL1: no activation of the layers "
+                f"{[l.name for l in act_layers]} was recorded in the forward pass; the layers "
+                "must be called (through their __call__/call) by the model.")
+
+    def finite_difference(self, model, forward_fn, extra_cost_fn, variables, replicas: int = 1,
+                          scale: float = 1.0, protect: Sequence = ()):
+        """Finite-difference form: the gradients of ``task + extra + scale·term``.
+
+        Args:
+            model: the model whose non-trainable state the second pass must not change.
+            forward_fn: ``() -> (task_loss, y_pred)``, this replica's share of the task loss.
+            extra_cost_fn: ``() -> tensor or None``, the other costs (regularizer losses,
+                learnable terms), differentiated once.
+            variables: the variables to differentiate (``model.trainable_variables``).
+            replicas: replicas in sync (the weight term uses the global-batch gradient).
+            scale: multiplies the term (``every`` for lazy regularization).
+            protect: more variables the second pass must leave unchanged (e.g. the loss
+                metric that ``forward_fn`` updates).
+
+        Returns:
+            ``(grads, task_loss, y_pred, extra_cost, norm_w, norm_a)``.
+        """
+        self._check_attached()
+        act_layers = self._act_layers if self.lambda_a > 0 else []
+        use_w = self.lambda_w > 0
+        with tf.GradientTape(persistent=True) as tape, _recording(tape, act_layers) as rec:
+            task, y_pred = forward_fn()
+            extra = extra_cost_fn()
+        self._check_recorded(act_layers, rec)
+        acts = list(rec.tensors)
+        zero = tf.UnconnectedGradients.ZERO
+        grads = tape.gradient(task, list(variables) + acts, unconnected_gradients=zero)
+        g_vars, g_acts = grads[:len(variables)], grads[len(variables):]
+        g_extra = (tape.gradient(extra, list(variables), unconnected_gradients=zero)
+                   if extra is not None else None)
+        del tape
+        position = {id(v): i for i, v in enumerate(variables)}
+        kernels = [k for k in self._kernels if id(k) in position] if use_w else []
+        g_w = [tf.convert_to_tensor(g_vars[position[id(k)]]) for k in kernels]
+        if replicas > 1 and g_w:
+            g_w = tf.distribute.get_replica_context().all_reduce("sum", g_w)
+        g_acts = [tf.convert_to_tensor(g) for g in g_acts]
+        dtype = task.dtype
+        # the perturbation directions are the derivatives of the norms w.r.t. the gradients
+        with tf.GradientTape(persistent=True) as dt:
+            dt.watch(g_w + g_acts)
+            norm_w = tf.cast(self._norm_w(g_w), dtype) if g_w else tf.zeros([], dtype)
+            norm_a = tf.cast(self._norm_a(g_acts, acts), dtype) if g_acts else tf.zeros([], dtype)
+        dir_w = dt.gradient(norm_w, g_w, unconnected_gradients=zero) if g_w else []
+        dir_a = dt.gradient(norm_a, g_acts, unconnected_gradients=zero) if g_acts else []
+        del dt
+        t = self._fd_scale(kernels, dir_w, acts, dir_a, dtype)
+        # second pass at W + t·λ_w·v_w, activations + t·λ_a·v_a; then restore the state
+        state = [v for v in model.non_trainable_variables
+                 if _short_name(v) not in _FROZEN_NAMES] + list(protect)
+        saved_state = [tf.identity(v) for v in state]
+        saved_w = [tf.identity(k) for k in kernels]
+        eps_w = tf.cast(t * self.lambda_w, dtype)
+        eps_a = tf.cast(t * self.lambda_a, dtype)
+        _assign(kernels, [w + tf.cast(eps_w, w.dtype) * tf.cast(d, w.dtype)
+                          for w, d in zip(saved_w, dir_w)])
+        offsets = [tf.stop_gradient(tf.cast(eps_a, a.dtype) * tf.cast(d, a.dtype))
+                   for a, d in zip(acts, dir_a)]
+        with tf.GradientTape() as tape2, _recording(tape2, act_layers, offsets=offsets) as rec2:
+            task2, _ = forward_fn()
+        if act_layers and rec2.offset_index != len(offsets):
+            raise ValueError("GradientL1: the second forward pass recorded "
+                             f"{rec2.offset_index} activations, the first {len(offsets)}; the "
+                             "model's forward pass must be the same on every call.")
+        g2 = tape2.gradient(task2, list(variables), unconnected_gradients=zero)
+        _assign(kernels, saved_w)
+        _assign(state, saved_state)
+        factor = tf.cast(scale, dtype) / tf.cast(t, dtype)
+        out = []
+        for i, (g1, gp) in enumerate(zip(g_vars, g2)):
+            g1, gp = tf.convert_to_tensor(g1), tf.convert_to_tensor(gp)
+            g = g1 + tf.cast(factor, g1.dtype) * (gp - g1)
+            if g_extra is not None:
+                g = g + tf.convert_to_tensor(g_extra[i])
+            out.append(g)
+        return out, task, y_pred, extra, norm_w, norm_a
+
+    def _fd_scale(self, kernels, dir_w, acts, dir_a, dtype) -> tf.Tensor:
+        """``t`` with ``RMS(t·λ_w·v_w) = epsilon·RMS(W)`` (or the activations' analogue)."""
+        def ratio(xs, ds):
+            num = tf.add_n([tf.reduce_sum(tf.square(tf.cast(x, dtype))) for x in xs])
+            den = tf.add_n([tf.reduce_sum(tf.square(tf.cast(d, dtype))) for d in ds])
+            return tf.sqrt(tf.math.divide_no_nan(num, den))
+        if kernels:
+            r = ratio(kernels, dir_w) / self.lambda_w
+        else:
+            r = ratio(acts, dir_a) / self.lambda_a
+        r = tf.where(r > 0, r, tf.ones_like(r))  # all-zero directions: any t gives 0
+        return tf.stop_gradient(self.epsilon * r)
+
+    def penalty(self, model, x, y, loss, sample_weight=None, training: bool = False) -> dict:
+        """The term on one batch, outside a TrainingModel (differentiable inside a tape).
+
+        Args:
+            model: the Keras model (the term attaches to it).
+            x, y, sample_weight: a batch.
+            loss: a Keras loss (callable ``loss(y, y_pred, sample_weight)``), e.g.
+                ``keras.losses.SparseCategoricalCrossentropy()``.
+            training: forward pass mode.
+
+        Returns:
+            dict with ``task_loss``, ``norm_w`` (weight norm), ``norm_a`` (activation norm) and
+            ``penalty`` (``λ_w·norm_w + λ_a·norm_a``), computed exactly whatever ``method``.
+        """
+        self.attach(model)
+        loss_fn = keras.losses.get(loss)
+
+        def forward():
+            y_pred = model(x, training=training)
+            return loss_fn(y, y_pred, sample_weight=sample_weight), y_pred
+
+        task, _, norm_w, norm_a = self.forward(forward)
+        return {"task_loss": task, "norm_w": norm_w, "norm_a": norm_a,
+                "penalty": self.lambda_w * norm_w + self.lambda_a * norm_a}
