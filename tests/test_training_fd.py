@@ -292,3 +292,33 @@ def test_new_arguments_round_trip_and_old_configs_keep_their_meaning():
     old["reduction"] = "sum"
     restored = training.GradientL1.from_config(old)
     assert (restored.method, restored.every, restored.reduction) == ("exact", 1, "sum")
+
+
+def test_finite_difference_through_a_softmax_output_matches_exact():
+    # Keras' cross-entropy on a softmax output reads the logits; perturbing the softmax output
+    # (whose gradient is then unconnected) would switch it to log(probabilities)
+    tf.random.set_seed(5)
+    inp = keras.Input((6,))
+    h = keras.layers.Dense(8, activation="tanh", name="d1")(inp)
+    model = keras.Model(inp, keras.layers.Dense(3, activation="softmax", name="d2")(h))
+    rng = np.random.default_rng(6)
+    x = tf.constant(rng.normal(size=(16, 6)).astype("float32"))
+    y = tf.constant(rng.integers(0, 3, 16))
+    loss = keras.losses.SparseCategoricalCrossentropy()
+    term = training.GradientL1(1e-2, 1e-2, method="finite_difference", epsilon=1e-3)
+    term.attach(model)
+
+    def forward():
+        return loss(y, model(x, training=True)), None
+
+    with tf.GradientTape() as tape:
+        task, _, nw, na = term.forward(forward)
+        total = task + 1e-2 * (nw + na)
+    exact = tape.gradient(total, model.trainable_variables)
+    grads = term.finite_difference(model, forward, lambda: None, model.trainable_variables)[0]
+    with tf.GradientTape() as tape:
+        plain = loss(y, model(x, training=True))
+    g0 = tape.gradient(plain, model.trainable_variables)
+    a = np.concatenate([(e - p).numpy().ravel() for e, p in zip(exact, g0)])
+    b = np.concatenate([(f - p).numpy().ravel() for f, p in zip(grads, g0)])
+    assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.02

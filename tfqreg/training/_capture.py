@@ -30,7 +30,8 @@ class _Recorder:
 
     def take(self, t):
         if self.offsets is not None:
-            if self.offset_index < len(self.offsets):
+            if (self.offset_index < len(self.offsets)
+                    and self.offsets[self.offset_index] is not None):
                 t = t + self.offsets[self.offset_index]
             self.offset_index += 1
         return t

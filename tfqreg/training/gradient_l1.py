@@ -320,8 +320,15 @@ class GradientL1(_Term):
         self._check_recorded(act_layers, rec)
         acts = list(rec.tensors)
         zero = tf.UnconnectedGradients.ZERO
-        grads = tape.gradient(task, list(variables) + acts, unconnected_gradients=zero)
-        g_vars, g_acts = grads[:len(variables)], grads[len(variables):]
+        grads = tape.gradient(task, list(variables) + acts)
+        g_vars = [tf.zeros_like(v) if g is None else g
+                  for v, g in zip(variables, grads[:len(variables)])]
+        # an activation the loss does not reach through (e.g. a softmax output whose logits
+        # Keras' cross-entropy reads directly) gets no perturbation: adding one would change how
+        # the loss is computed
+        connected = [g is not None for g in grads[len(variables):]]
+        g_acts = [g for g in grads[len(variables):] if g is not None]
+        acts = [a for a, c in zip(acts, connected) if c]
         g_extra = (tape.gradient(extra, list(variables), unconnected_gradients=zero)
                    if extra is not None else None)
         del tape
@@ -350,8 +357,9 @@ class GradientL1(_Term):
         eps_a = tf.cast(t * self.lambda_a, dtype)
         _assign(kernels, [w + tf.cast(eps_w, w.dtype) * tf.cast(d, w.dtype)
                           for w, d in zip(saved_w, dir_w)])
-        offsets = [tf.stop_gradient(tf.cast(eps_a, a.dtype) * tf.cast(d, a.dtype))
-                   for a, d in zip(acts, dir_a)]
+        offsets = iter([tf.stop_gradient(tf.cast(eps_a, a.dtype) * tf.cast(d, a.dtype))
+                        for a, d in zip(acts, dir_a)])
+        offsets = [next(offsets) if c else None for c in connected]
         with tf.GradientTape() as tape2, _recording(tape2, act_layers, offsets=offsets) as rec2:
             task2, _ = forward_fn()
         if act_layers and rec2.offset_index != len(offsets):
