@@ -116,6 +116,9 @@ def test_tf_free_arguments_equal_their_sources():
     assert cli_args.CALIBRATION_SAMPLES == samples.CALIBRATION_SAMPLES
     assert cli_args.CHECK_SAMPLES == samples.CHECK_SAMPLES
     assert cli_args.CODING_MODES == codec.MODES
+    from tfqreg.deploy import arguments, cli as deploy_cli, lowbit
+    assert cli_args.EXPORT_RUNTIMES == arguments.RUNTIMES == lowbit.RUNTIMES
+    assert cli_args.EXPORT_TARGETS == deploy_cli.TARGETS
     params = inspect.signature(Compressor).parameters
     assert cli_args.PRUNE_EPOCHS == params["prune_epochs"].default
     assert cli_args.QUANT_EPOCHS == params["quant_epochs"].default

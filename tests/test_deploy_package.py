@@ -17,8 +17,8 @@ PKG = os.path.join(REPO, "tfqreg", "deploy")
 # Each module may import deploy modules of a lower layer only. The low-bit writer works on
 # flatbuffers (float .tflite in, packed INT4/INT2 .tflite out) beside the shared samples, below
 # the converter that calls it.
-LAYERS = {"tflite_file": 0, "runtime": 1, "report": 2, "samples": 3, "lowbit": 3,
-          "convert": 4, "edgetpu": 4, "micro": 5, "cli": 6}
+LAYERS = {"tflite_file": 0, "loading": 0, "runtime": 1, "report": 2, "arguments": 3,
+          "samples": 4, "lowbit": 4, "convert": 5, "edgetpu": 5, "micro": 6, "cli": 7}
 
 
 def _imports(path):
@@ -140,7 +140,7 @@ def test_deploy_names_are_the_defining_modules_objects():
 
 
 def test_cli_export_is_the_deploy_cli():
-    assert ("export", "tfqreg.deploy.cli") in [c[:2] for c in cli._COMMANDS]
+    assert ("export", "tfqreg.deploy.cli") in [c[:2] for c in cli.COMMANDS]
 
 
 def test_plain_import_reaches_the_deployment_modules():

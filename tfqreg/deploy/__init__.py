@@ -23,8 +23,12 @@ that import downward only, one concern each. In the order a model passes through
    full-integer int8; ``weight_bits=4`` / ``2`` for packed INT4 / INT2 weights on exactly the
    grid :func:`tfqreg.ptq.quantize` simulates, checked against that simulated model,
    :func:`simulated_reference`) and :func:`to_lce` (Larq BNNs), each checked in the
-   interpreter that will run it; :func:`load_model` for saved models;
-   :class:`ConversionError` names the op, :class:`ParityError` carries the report.
+   interpreter that will run it; :func:`load_model` for saved models
+   (:mod:`~tfqreg.deploy.loading`); :class:`ConversionError` names the op,
+   :class:`ParityError` carries the report. The arguments every converter shares are checked
+   once, before any work, by :mod:`~tfqreg.deploy.arguments` (existing output files are
+   refused unless ``overwrite=True``). Several inputs are matched by name, since the converter
+   may order them differently from Keras.
 6. **check targets**: :func:`check_edgetpu` (:mod:`~tfqreg.deploy.edgetpu`: which op the Coral
    compiler would cut at, and why; INT4/INT2 tensors fail it) and :func:`to_micro`
    (:mod:`~tfqreg.deploy.micro`: an int8 model, or INT4 weights with ``weight_bits=4``,

@@ -59,16 +59,16 @@ new converter uses them and :func:`finish_export` the same way.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import os
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from tfqreg._keras import check_keras2, keras, tf
-from tfqreg.deploy.report import ExportReport, ExportResult, check_overwrite
+from tfqreg.deploy.arguments import (IO_DTYPES, MAX_BATCH_SIZE, MODES, check_arguments,
+                                     check_lowbit_arguments, check_path)
+from tfqreg.deploy.loading import load_model
+from tfqreg.deploy.report import ExportReport, ExportResult
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, input_specs, measure_parity,
                                    sample_inputs, static_model, to_samples)
@@ -77,11 +77,6 @@ from tfqreg.deploy.tflite_file import TfliteGraph, read_tflite
 __all__ = ["MODES", "IO_DTYPES", "MAX_BATCH_SIZE", "ConversionError", "ParityError",
            "check_arguments", "check_lowbit_arguments", "check_path", "explain_converter_error", "finish_export", "keras_names", "to_tflite",
            "to_lce", "load_model"]
-
-MODES = ("float", "dynamic", "int8")
-MAX_BATCH_SIZE = 1 << 16
-"""Largest static batch size of an exported model (the parity check pads a batch to it)."""
-IO_DTYPES = ("int8", "uint8", "float32")
 
 
 class ConversionError(RuntimeError):
@@ -99,71 +94,6 @@ class ParityError(AssertionError):
     def __init__(self, message: str, report: ExportReport):
         super().__init__(message)
         self.report = report
-
-
-# --------------------------------------------------------------------------------------------
-# Arguments.
-# --------------------------------------------------------------------------------------------
-
-
-def check_arguments(mode: Optional[str] = None, io_dtype: Optional[str] = None,
-                    batch_size: Optional[int] = 1, representative_data: Any = None,
-                    min_agreement: float = 0.99, atol: float = 1e-5, check: bool = True,
-                    allow_float_ops: bool = False,
-                    calibration_samples: Optional[int] = CALIBRATION_SAMPLES,
-                    sample: Any = None) -> None:
-    """The one place export arguments are checked (``None`` for ``mode`` / ``io_dtype``: not
-    checked).
-
-    Raises:
-        TypeError / ValueError: naming the argument.
-    """
-    from tfqreg import _checks
-
-    if mode is not None and mode not in MODES:
-        raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
-    if io_dtype is not None and io_dtype not in IO_DTYPES:
-        raise ValueError(f"`io_dtype` must be one of {IO_DTYPES}, got {io_dtype!r}.")
-    if mode == "int8" and representative_data is None:
-        raise ValueError(
-            "`representative_data` is required for mode='int8': pass a few hundred typical "
-            "inputs (an array shaped like the model's input with a batch axis, a tf.data.Dataset "
-            "or a generator) so the converter can calibrate the activation ranges."
-        )
-    for name, data in (("representative_data", representative_data), ("sample", sample)):
-        if isinstance(data, (str, bytes)) or isinstance(data, (bool, int, float)) and \
-                data is not None:
-            raise TypeError(f"`{name}` must be an array, a list of arrays, a tf.data.Dataset "
-                            f"or a generator, got {type(data).__name__} {data!r}.")
-    if mode is not None and mode != "int8" and io_dtype not in (None, "float32"):
-        raise ValueError(f"`io_dtype`={io_dtype!r} needs mode='int8' (mode is {mode!r}).")
-    if batch_size is not None:
-        _checks.check_int("batch_size", batch_size, low=1, high=MAX_BATCH_SIZE)
-    _checks.check_real("min_agreement", min_agreement, low=0.0, high=1.0)
-    _checks.check_real("atol", atol, low=0.0)
-    _checks.check_bool("check", check)
-    _checks.check_bool("allow_float_ops", allow_float_ops)
-    if calibration_samples is not None:
-        _checks.check_int("calibration_samples", calibration_samples, low=1)
-
-
-def check_path(path: Any, overwrite: bool) -> None:
-    """``path`` (``None``, or a file name for the ``.tflite`` and its ``.json`` report) and
-    ``overwrite``, checked before any work.
-
-    Raises:
-        TypeError: ``path`` is not a string / path, ``overwrite`` not a bool.
-        FileExistsError / IsADirectoryError: see
-            :func:`~tfqreg.deploy.report.check_overwrite`.
-    """
-    if path is None:
-        if not isinstance(overwrite, bool):
-            raise TypeError(f"`overwrite` must be True or False, got {overwrite!r}.")
-        return
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"`path` must be a file name, got {type(path).__name__} {path!r}.")
-    path = os.fspath(path)
-    check_overwrite("path", [path, os.path.splitext(path)[0] + ".json"], overwrite)
 
 
 # --------------------------------------------------------------------------------------------
@@ -452,23 +382,6 @@ def to_tflite(
                          atol, min_agreement, path, notes)
 
 
-def check_lowbit_arguments(weight_bits: Any, runtime: Any, per_channel: Any) -> None:
-    """``weight_bits`` (None, 8, 4 or 2), ``runtime`` and ``per_channel``, checked whatever
-    ``weight_bits`` is (so a misspelled ``runtime`` is never ignored silently).
-
-    Raises:
-        TypeError / ValueError: naming the argument.
-    """
-    if isinstance(weight_bits, (bool, np.bool_)) or weight_bits not in (None, 8, 4, 2) or \
-            isinstance(weight_bits, float):
-        raise ValueError(f"`weight_bits` must be None, 8, 4 or 2, got {weight_bits!r}.")
-    runtimes = ("litert", "micro")
-    if not isinstance(runtime, str) or runtime not in runtimes:
-        raise ValueError(f"`runtime` must be one of {runtimes}, got {runtime!r}.")
-    if not isinstance(per_channel, (bool, np.bool_)):
-        raise TypeError(f"`per_channel` must be a bool, got {per_channel!r}.")
-
-
 def lowbit_granularity(runtime: str, per_channel: bool = True):
     """The ``per_channel`` argument of :func:`tfqreg.ptq.quantize` for a sub-8-bit file:
     TFLite Micro's INT4 FULLY_CONNECTED takes one scale per tensor, so ``Dense`` is per tensor
@@ -642,55 +555,3 @@ def to_lce(
     return finish_export(model, flat, "lce", "lce", io_dtype, batch_size, check, xs, "lce", atol,
                          min_agreement, path, notes, extra)
 
-
-# --------------------------------------------------------------------------------------------
-# Loading saved models.
-# --------------------------------------------------------------------------------------------
-
-
-def _register_custom_objects() -> None:
-    """Import the modules that register tfqreg/larq objects, so saved models load."""
-    for name in ("larq", "tfqreg.quantizers", "tfqreg.regularizers", "tfqreg.quantization",
-                 "tfqreg.losses", "tfqreg.training"):
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
-
-
-def load_model(path: str) -> Any:
-    """Load a ``.keras`` / ``.h5`` file or a SavedModel folder saved by ``tf_keras``.
-
-    Args:
-        path: the file or folder.
-
-    Returns:
-        The ``tf_keras`` model (not compiled).
-
-    Raises:
-        FileNotFoundError: ``path`` does not exist (or is a folder without ``saved_model.pb``).
-        ValueError: the file is not a Keras model.
-    """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"MODEL {path!r} does not exist (expected a .keras or .h5 file "
-                                "or a SavedModel folder).")
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "saved_model.pb")):
-        raise FileNotFoundError(f"MODEL {path!r} is a folder without saved_model.pb, so it is "
-                                "not a SavedModel.")
-    _register_custom_objects()
-    try:
-        try:
-            from tfqreg.quantization import quantize_scope
-        except ImportError:  # pragma: no cover
-            quantize_scope = contextlib.nullcontext
-        with quantize_scope():
-            model = keras.models.load_model(path, compile=False)
-    except Exception as e:
-        raise ValueError(f"could not load a Keras model from {path!r}: "
-                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
-    if not isinstance(model, keras.Model):
-        raise ValueError(f"{path!r} holds a {type(model).__name__}, not a Keras model (a "
-                         "SavedModel written by tf.saved_model.save cannot be exported here; "
-                         "save with model.save()).")
-    return model

@@ -439,8 +439,9 @@ def to_micro(
                     sample=sample)
     check_lowbit_arguments(weight_bits, "micro", True)
     if weight_bits == 2:
-        raise ValueError("`weight_bits`=2 cannot run on TFLite Micro (runtime 'micro'): it has no INT2 "
-                         "kernels (use weight_bits=4, or to_tflite(..., weight_bits=2) for LiteRT).")
+        raise ValueError("`weight_bits`=2 cannot run on TFLite Micro (runtime 'micro'): it "
+                         "has no INT2 kernels (use weight_bits=4, or to_tflite(..., "
+                         "weight_bits=2) for LiteRT).")
     if not isinstance(out_dir, (str, os.PathLike)):
         raise TypeError(f"`out_dir` must be a folder name, got {type(out_dir).__name__} "
                         f"{out_dir!r}.")

@@ -21,13 +21,14 @@ from typing import Any, List, Optional, Sequence
 import numpy as np
 
 from tfqreg._keras import keras, tf
+from tfqreg.deploy import arguments as _arguments
 from tfqreg.deploy.report import ParityReport
 from tfqreg.deploy.runtime import Runner
 
 __all__ = ["CALIBRATION_SAMPLES", "CHECK_SAMPLES", "input_specs", "to_samples", "static_model",
            "sample_inputs", "keras_outputs", "named_inputs", "keras_order", "measure_parity"]
 
-CALIBRATION_SAMPLES = 500
+CALIBRATION_SAMPLES = _arguments.CALIBRATION_SAMPLES
 """Representative samples used for calibration by default."""
 CHECK_SAMPLES = 1000
 """Samples of the representative data the parity check uses when no ``sample`` is given."""
