@@ -136,3 +136,15 @@ def test_embedding_token_ids_are_not_quantized():
         to_tflite(model, mode="float", sample=ids.astype(np.float32))
     with pytest.raises(TypeError, match=r"`x\['.*'\]` has dtype float32"):
         res.predict(ids.astype(np.float32))
+
+
+def test_two_inputs_on_tflite_micro(img_meta, tmp_path):
+    """to_micro feeds TFLite Micro and LiteRT by name too: both agree with Keras."""
+    model, xs = img_meta
+    res = to_micro(model, xs, str(tmp_path), name="two", sample=[a[:40] for a in xs])
+    assert res.micro_vs_litert["identical_fraction"] == 1.0
+    assert "PASS" in res.report.extra["micro_parity"]
+    want = model.predict([a[:40] for a in xs], verbose=0)
+    got = Runner(res.flatbuffer, "micro", input_names=["img", "meta"]).predict(
+        [a[:40] for a in xs])
+    assert np.abs(got - want).max() < 0.1

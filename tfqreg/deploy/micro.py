@@ -47,7 +47,8 @@ import numpy as np
 from tfqreg import _checks
 from tfqreg._keras import check_keras2, keras
 from tfqreg.deploy.convert import (ConversionError, ParityError, check_arguments,
-                                   check_lowbit_arguments, simulated_reference, to_tflite)
+                                   check_lowbit_arguments, keras_names, simulated_reference,
+                                   to_tflite)
 from tfqreg.deploy.report import ExportReport, check_overwrite
 from tfqreg.deploy.runtime import Runner
 from tfqreg.deploy.samples import (CALIBRATION_SAMPLES, CHECK_SAMPLES, input_specs,
@@ -482,10 +483,13 @@ def to_micro(
         xs = to_samples(sample, specs, "sample", CHECK_SAMPLES)
     else:
         xs = to_samples(representative_data, specs, "representative_data", CHECK_SAMPLES)
+    names = keras_names(model, flat)[0]  # xs are in Keras' input order; the file's may differ
     with _CaptureFd2():
-        mic = _as_list(Runner(flat, "micro").predict(xs, raw=True))
-    lite = _as_list(Runner(flat, "litert", kernels="builtin").predict(xs, raw=True))
-    xnn = _as_list(Runner(flat, "litert", kernels="auto").predict(xs, raw=True))
+        mic = _as_list(Runner(flat, "micro", input_names=names).predict(xs, raw=True))
+    lite = _as_list(Runner(flat, "litert", kernels="builtin", input_names=names)
+                    .predict(xs, raw=True))
+    xnn = _as_list(Runner(flat, "litert", kernels="auto", input_names=names)
+                   .predict(xs, raw=True))
     same, diff = _compare(lite, mic)
     same_xnn, diff_xnn = _compare(xnn, mic)
     comparison = {"samples": int(len(xs[0])), "litert_kernels": "builtin (no delegate)",
