@@ -7,8 +7,8 @@ Architectures (`tfqreg.models`): ``small_cnn`` (BN-free CNN, 4 kernels), ``ds_cn
 ``mlp`` (three Dense layers, no BatchNorm, 235k weights). Rows: plain training and
 ``kernel_regularizer=`` ``LInf()``, ``Margin()``, ``SoftMinMax()``, ``Foothill()``, each
 constructed with no argument (the library's defaults). Every run trains with Adam 1e-3, batch
-128, on the same 20,000 training images for 3 epochs (469 steps), for each seed; the float model is then post-training
-quantized by `tfqreg.ptq.sweep` (device-faithful: every BatchNorm folded into its layer first,
+128, on the same 20,000 training images for 3 epochs (469 steps), for each seed; the float
+model is then post-training quantized by `tfqreg.ptq.sweep` (device-faithful: every BatchNorm folded into its layer first,
 symmetric grid ``δ = max|w'|/(2^(b−1) − 1)``), WEIGHTS ONLY (activations stay float), and
 evaluated on the 10,000 test images. Columns: FP32, per-tensor W4 and W3, per-channel W3.
 
@@ -33,6 +33,14 @@ regularizers.
 
 Writes benchmarks/results/defaults_transfer[_quick].json (or ``--out``), after every run, so
 an interrupted run keeps what it measured.
+
+    python benchmarks/defaults_transfer.py --gradients   # the diagnostic behind normalize="scale"
+
+``--gradients`` trains each architecture plainly for one epoch (12,800 images) and prints, per
+model, the median over kernels of |penalty gradient| / |task gradient| for the raw and the
+normalised L∞ and soft-min-max penalties (BatchNorm folded), and how far apart the models'
+medians are (also if each penalty were divided by the model's number of kernels); writes
+benchmarks/results/defaults_transfer_gradients.json.
 """
 
 from __future__ import annotations
@@ -152,6 +160,77 @@ def table(summary, accept, header: str = "") -> str:
     return "\n".join(lines)
 
 
+# ----------------------------------------------------------------------------- diagnostic
+def _kernels(model):
+    out = []
+    for layer in model.layers:
+        k = getattr(layer, "depthwise_kernel", None)
+        k = getattr(layer, "kernel", None) if k is None else k
+        if k is not None:
+            out.append((layer, k))
+    return out
+
+
+def gradient_ratios(train, archs, steps_images: int = 12800, batch: int = 512) -> dict:
+    """Per regularized kernel: |penalty gradient| / |task gradient| (L2 norms over the kernel),
+    after one epoch of plain training on ``steps_images`` images, task gradient of the mean
+    cross-entropy on ``batch`` training images in training mode; penalties on the kernel as the
+    device quantizes it (BatchNorm folded), raw (``normalize="none"``) and normalised
+    (``"scale"``), at l = 1. The spread of these ratios across kernels and models is what a
+    strength normalisation should make small."""
+    from tfqreg import fold
+    from common import tf
+
+    x, y = train[0][:steps_images], train[1][:steps_images]
+    out = {}
+    for arch in archs:
+        seed_all(0)
+        model = ARCHS[arch]()
+        model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+        model.fit(x, y, batch_size=128, epochs=1, verbose=0)
+        xb, yb = tf.constant(x[:batch]), tf.constant(y[:batch])
+        kernels = _kernels(model)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                yb, model(xb, training=True)))
+        task = tape.gradient(loss, [k for _, k in kernels])
+        rows = []
+        for (layer, k), g in zip(kernels, task):
+            bn = fold.batchnorm_for_kernel(layer, k)
+            row = {"layer": layer.name, "size": int(np.prod(k.shape)), "batchnorm": bn is not None}
+            for name, reg in (("linf", regularizers.linf_penalty),
+                              ("soft_min_max", lambda w: regularizers.soft_min_max_penalty(
+                                  w, 10.0 / tf.stop_gradient(tf.reduce_max(tf.abs(w)))))):
+                for norm in ("none", "scale"):
+                    with tf.GradientTape() as tape:
+                        w = k if bn is None else fold.fold_kernel(layer, k, fold.batchnorm_scale(bn))
+                        if norm == "scale":
+                            w = regularizers.scale_normalized(w)
+                        penalty = reg(w)
+                    row[f"{name}_{norm}"] = float(tf.norm(tape.gradient(penalty, k)) / tf.norm(g))
+            rows.append(row)
+        out[arch] = rows
+    summary = {}
+    for key in ("linf_none", "linf_scale", "soft_min_max_none", "soft_min_max_scale"):
+        medians = {a: float(np.median([r[key] for r in rows])) for a, rows in out.items()}
+        per_count = {a: medians[a] / len(out[a]) for a in out}
+        summary[key] = {"median_per_model": medians,
+                        "spread_of_medians": max(medians.values()) / min(medians.values()),
+                        "spread_if_divided_by_kernel_count":
+                            max(per_count.values()) / min(per_count.values())}
+    return {"per_kernel": out, "summary": summary}
+
+
+def gradient_table(result) -> str:
+    lines = [f"{'ratio |grad penalty| / |grad task|':<36}" + "".join(
+        f"{a:>13}" for a in result["per_kernel"]) + f"{'spread':>9}{'÷ count':>9}"]
+    for key, s in result["summary"].items():
+        lines.append(f"{key + ' (median kernel)':<36}" + "".join(
+            f"{v:>13.3g}" for v in s["median_per_model"].values())
+            + f"{s['spread_of_medians']:>8.1f}×{s['spread_if_divided_by_kernel_count']:>8.1f}×")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=list(ARCHS))
@@ -162,7 +241,20 @@ def main(argv=None):
                    help="the first N training images (default 20,000 of 60,000)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--gradients", action="store_true",
+                   help="only the diagnostic: penalty vs task gradient per kernel "
+                        "(writes defaults_transfer_gradients.json)")
     args = p.parse_args(argv)
+    if args.gradients:
+        (x, y), _ = common.load(quick=args.quick)
+        start = time.time()
+        result = gradient_ratios((x, y), args.archs, steps_images=2000 if args.quick else 12800)
+        result["table"] = gradient_table(result)
+        result["wall_seconds"] = time.time() - start
+        print(result["table"])
+        name = args.out or f"defaults_transfer_gradients{'_quick' if args.quick else ''}.json"
+        print("wrote", write_json(name, result) if not os.path.isabs(name) else _write(name, result))
+        return
     for spec in args.rows:
         parse_row(spec)  # fail before training on a bad row
     (x, y), (xt, yt) = common.load(quick=args.quick)
