@@ -135,14 +135,27 @@ def method_builders(model: str = "small_cnn") -> Dict[str, Callable[[], keras.Mo
 
 def extra_builders(model: str = "small_cnn") -> Dict[str, Callable[[], keras.Model]]:
     """Rows outside the standard table (``--methods`` only): stronger gradient-ℓ1 settings,
-    switched on after the first epoch (from scratch, λ ≥ 1e-2 collapses training)."""
+    switched on after the first epoch (from scratch, λ ≥ 1e-2 collapses training); and
+    gradient-ℓ1 with ``reduction="step"`` (λ dimensionless) in its three forms: ``_fd``
+    (finite difference), ``_exact`` (double backprop), ``_lazy4`` (finite difference every 4th
+    step, scaled by 4)."""
     build = MODELS[model]["build"]
 
     def gl1(lam, start_epoch):
         return lambda: training.TrainingModel(
             build(), [training.GradientL1(lambda_w=lam, lambda_a=lam, start_epoch=start_epoch)])
-    return {"gradient_l1_1e-3_late": gl1(1e-3, 1), "gradient_l1_1e-2_late": gl1(1e-2, 1),
+    def step(lam, method="finite_difference", every=1):
+        # λ on the dimensionless scale: the first-order bound on the loss increase at 4 bits
+        return lambda: training.TrainingModel(build(), [training.GradientL1(
+            lambda_w=lam, lambda_a=lam, reduction="step", bits=4, method=method, every=every)])
+
+    rows = {"gradient_l1_1e-3_late": gl1(1e-3, 1), "gradient_l1_1e-2_late": gl1(1e-2, 1),
             "gradient_l1_3e-2_late": gl1(3e-2, 1)}
+    for lam in ("1e-3", "3e-3", "1e-2"):
+        rows[f"gl1_step_{lam}_fd"] = step(float(lam))
+        rows[f"gl1_step_{lam}_exact"] = step(float(lam), "exact")
+        rows[f"gl1_step_{lam}_lazy4"] = step(float(lam), every=4)
+    return rows
 
 
 def evaluate(model: keras.Model, xt, yt, calib) -> Dict[str, Dict[str, float]]:
