@@ -24,11 +24,21 @@ def exported(tmp_path_factory, fashion_small):
     return res, out
 
 
-def test_micro_agrees_exactly_with_litert(exported):
+def test_micro_vs_litert_comparison_is_what_both_runtimes_give(exported, fashion_small):
     res, _ = exported
+    (_, _), (xt, _) = fashion_small
     m = res.micro_vs_litert
     assert m["samples"] == 200
-    assert m["identical_fraction"] == 1.0 and m["max_abs_diff"] == 0
+    # recomputed here from the two runtimes' raw int8 outputs
+    micro_out = deploy.Runner(res.flatbuffer, "micro").predict(xt[:200], raw=True)
+    lite_out = deploy.Runner(res.flatbuffer, "litert", kernels="builtin").predict(xt[:200],
+                                                                                raw=True)
+    diff = np.abs(micro_out.astype(np.int32) - lite_out.astype(np.int32))
+    assert m["identical_fraction"] == pytest.approx(np.mean(np.all(diff == 0, axis=-1)))
+    assert m["max_abs_diff"] == diff.max()
+    # the documented behaviour: identical but for a 1-unit rounding difference of int8
+    # FULLY_CONNECTED on ~1 % of inputs (a SOFTMAX after it can widen it to a few units)
+    assert m["identical_fraction"] >= 0.97 and m["max_abs_diff"] <= 4
 
 
 def test_measured_arena_is_the_smallest_that_works(exported):
