@@ -322,3 +322,15 @@ def test_finite_difference_through_a_softmax_output_matches_exact():
     a = np.concatenate([(e - p).numpy().ravel() for e, p in zip(exact, g0)])
     b = np.concatenate([(f - p).numpy().ravel() for f, p in zip(grads, g0)])
     assert np.linalg.norm(a - b) / np.linalg.norm(a) < 0.02
+
+
+@pytest.mark.parametrize("factory, match", [
+    (lambda: training.GradientL1(lambda_w=1e308), "`lambda_w`"),
+    (lambda: training.GradientL1(lambda_a=1e7), "`lambda_a`"),
+    (lambda: training.LearnableMSQE(beta=1e308), "`beta`"),
+    (lambda: training.LearnablePartialL2(alpha_init=-1e308), "`alpha_init`"),
+    (lambda: training.TrainingModel(mlp64(), terms=5), "`terms`"),
+])
+def test_out_of_range_strengths_and_terms_are_refused(factory, match):
+    with pytest.raises((TypeError, ValueError), match=match):
+        factory()

@@ -11,6 +11,7 @@ from tfqreg import _checks, fold, grid
 from tfqreg._keras import check_keras2, keras, tf
 
 REDUCTIONS = ("sum", "mean", "step")
+_MAX_STRENGTH = 1e6  # larger strengths overflow the penalty's gradient in float32
 METHODS = ("exact", "finite_difference")
 _KERNEL_NAMES = ("kernel", "depthwise_kernel", "pointwise_kernel")
 
@@ -28,12 +29,14 @@ def _check(cls_name: str, **kwargs):
     for name, value in kwargs.items():
         if name in ("lambda_w", "lambda_a"):
             value = number(name, value)
-            if value < 0:
-                raise ValueError(f"{cls_name}: `{name}` must be >= 0, got {value}.")
+            if not 0 <= value <= _MAX_STRENGTH:
+                raise ValueError(f"{cls_name}: `{name}` must be in [0, {_MAX_STRENGTH:g}], got "
+                                 f"{value}.")
         elif name == "beta":
             value = number(name, value)
-            if value <= 0:
-                raise ValueError(f"{cls_name}: `beta` must be > 0, got {value}.")
+            if not 0 < value <= _MAX_STRENGTH:
+                raise ValueError(f"{cls_name}: `beta` must be in (0, {_MAX_STRENGTH:g}], got "
+                                 f"{value}.")
         elif name in ("alpha_init", "alpha_max"):
             value = number(name, value)
         elif name == "fraction":
@@ -82,6 +85,9 @@ def _check(cls_name: str, **kwargs):
             f"{cls_name}: `alpha_init` ({out['alpha_init']}) must be <= `alpha_max` "
             f"({out['alpha_max']})."
         )
+    if "alpha_init" in out and out["alpha_init"] < -80:
+        raise ValueError(f"{cls_name}: `alpha_init` must be >= -80 (e^α underflows to 0), got "
+                         f"{out['alpha_init']}.")
     if "alpha_max" in out and out["alpha_max"] > 80:
         raise ValueError(f"{cls_name}: `alpha_max` must be <= 80 (e^α overflows), got "
                          f"{out['alpha_max']}.")

@@ -93,7 +93,12 @@ class TrainingModel(keras.Model):
         self.inner = inner
         if isinstance(terms, (str, _Term)):
             terms = [terms]  # one term, not the characters of its alias
-        terms = [get(t) for t in (terms or [])]
+        if terms is None:
+            terms = []
+        if not isinstance(terms, (list, tuple)):
+            raise TypeError(f"`terms` must be a list of training terms (or one term / alias), "
+                            f"got {terms!r} ({type(terms).__name__}).")
+        terms = [get(t) for t in terms]
         if sum(isinstance(t, GradientL1) for t in terms) > 1:
             raise ValueError("`terms`: at most one GradientL1 per TrainingModel (combine the "
                              "layers in one term).")
