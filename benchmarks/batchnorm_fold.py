@@ -2,7 +2,8 @@
 
 A user's depthwise-separable CNN with BatchNorm (`tfqreg.models.ds_cnn`: every convolution is
 followed by BatchNorm and ReLU6) is trained on Fashion-MNIST (Adam 1e-3, batch 128) three ways:
-plain, `kernel_regularizer=LInf(0.05)` and `SoftMinMax(0.05)`. Each trained model is then
+plain, `kernel_regularizer=LInf(0.05, normalize="none")` and `SoftMinMax(0.05, normalize="none")`
+(the raw strengths of the committed results, before `normalize="scale"` became the default). Each trained model is then
 post-training quantized three ways and evaluated on the test set:
 
 - ``tfqreg.ptq``: `tfqreg.ptq.sweep`, which folds every BatchNorm into its convolution first
@@ -65,9 +66,9 @@ CALIBRATION = 512
 
 def build(row: str) -> keras.Model:
     return {"plain": lambda: models.ds_cnn(),
-            "linf": lambda: models.ds_cnn(kernel_regularizer=regularizers.LInf(0.05)),
+            "linf": lambda: models.ds_cnn(kernel_regularizer=regularizers.LInf(0.05, normalize="none")),
             "soft_min_max": lambda: models.ds_cnn(
-                kernel_regularizer=regularizers.SoftMinMax(0.05))}[row]()
+                kernel_regularizer=regularizers.SoftMinMax(0.05, normalize="none"))}[row]()
 
 
 # ----------------------------------------------------------------------------- NumPy grid

@@ -373,7 +373,7 @@ def run_worker(args: argparse.Namespace) -> int:
 
     # --- everything that owns variables the step updates: inside the scope
     with strategy.scope():
-        inner = build_model(keras, args.quick, regularizers.LInf(0.05))
+        inner = build_model(keras, args.quick, regularizers.LInf())
         trainer = training.TrainingModel(inner, terms=[
             training.GradientL1(lambda_w=1e-4, lambda_a=1e-4),
             training.LearnableMSQE(bits=4, per_channel=True),

@@ -1,7 +1,7 @@
 """A tfqreg regularizer in ordinary Keras layers, and what it buys after quantization.
 
 Trains one small CNN twice on Fashion-MNIST: plain, and with the L-inf range regularizer
-``kernel_regularizer=tfqreg.regularizers.LInf(0.05)`` (alias ``"linf"``; any tfqreg regularizer,
+``kernel_regularizer=tfqreg.regularizers.LInf()`` (alias ``"linf"``; any tfqreg regularizer,
 e.g. ``"soft_min_max"``, goes in the same place) on every Conv2D/Dense kernel. Then it
 post-training quantizes both at 8..2 weight bits (one step per tensor, 8-bit activations) with
 ``tfqreg.ptq.sweep`` and prints both tables: the regularized model keeps its accuracy at 2-3 bits.
@@ -30,7 +30,7 @@ def cnn(reg, name):  # plain Keras layers; `reg` is any Keras kernel_regularizer
         L.Dense(10, activation="softmax", kernel_regularizer=reg)], name=name)
 
 
-for name, reg in [("plain", None), ("linf", regularizers.LInf(0.05))]:
+for name, reg in [("plain", None), ("linf", regularizers.LInf())]:
     keras.utils.set_random_seed(0)
     model = cnn(reg, name)
     model.compile("adam", "sparse_categorical_crossentropy", ["accuracy"])

@@ -334,3 +334,40 @@ def test_finite_difference_through_a_softmax_output_matches_exact():
 def test_out_of_range_strengths_and_terms_are_refused(factory, match):
     with pytest.raises((TypeError, ValueError), match=match):
         factory()
+
+
+# ------------------------------------------------------------------------------------------
+# LearnableMSQE on a kernel a BatchNorm folds into: the step follows the statistics
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("folded_step", ["relative", "absolute"])
+def test_learnable_msqe_step_follows_the_batchnorm_statistics(folded_step):
+    model = bn_cnn(seed=3)
+    bits = 4
+    term = training.LearnableMSQE(bits=bits, per_channel=True, folded_step=folded_step)
+    trainer = training.TrainingModel(model, terms=[term])
+    bn = model.get_layer("bn")
+    bn.moving_variance.assign(bn.moving_variance * 100.0)  # as training moves the statistics
+    w = model.get_layer("c1").kernel.numpy()
+    s = (bn.gamma / np.sqrt(bn.moving_variance + bn.epsilon)).numpy()
+    folded = w * s
+    default = np.abs(folded).reshape(-1, folded.shape[-1]).max(0) / (2 ** (bits - 1) - 1)
+    delta = term.steps()[0].numpy().reshape(-1)
+    if folded_step == "relative":  # ρ = 0: exactly the current default step of the fold
+        np.testing.assert_allclose(delta, default, rtol=1e-6)
+    else:  # the step of the fold at attach time, 10x too coarse now
+        np.testing.assert_allclose(delta, 10.0 * default, rtol=1e-3)  # (ε of the BatchNorm)
+    training.round_to_grid(trainer)
+    idx = (model.get_layer("c1").kernel.numpy() * s) / delta
+    np.testing.assert_allclose(idx, np.round(idx), atol=1e-3)  # the fold is on the grid
+    zeros = np.mean(np.round(idx) == 0)
+    assert (zeros < 0.3) if folded_step == "relative" else (zeros > 0.6)
+
+
+def test_learnable_msqe_configs_without_folded_step_load_as_absolute():
+    term = training.LearnableMSQE(bits=3)
+    config = term.get_config()
+    assert config["folded_step"] == "relative"
+    del config["folded_step"]
+    assert training.LearnableMSQE.from_config(config).folded_step == "absolute"

@@ -237,7 +237,8 @@ def main(argv=None) -> int:
     # 2-bit FULLY_CONNECTED for LiteRT: the same architecture, range-regularized for 2 bits.
     tf.keras.utils.set_random_seed(0)
     t = time.time()
-    model2 = train(cnn(regularizers.SoftMinMax), x, y, 3e-3, epochs=3)
+    model2 = train(cnn(lambda: regularizers.SoftMinMax(0.05, normalize="none")), x, y, 3e-3,
+                   epochs=3)
     path = os.path.join(args.out, f"{CNN2}.tflite")
     res = deploy.to_tflite(model2, mode="int8", representative_data=x[:500], weight_bits=2,
                            runtime="litert", sample=xt, path=path, overwrite=True)
@@ -250,7 +251,8 @@ def main(argv=None) -> int:
         "file": os.path.basename(path),
         "source": "tflite_models/regenerate.py: Conv(16,3,s2)-Conv(32,3,s2)-Dense(10) softmax "
                   "(the architecture of fmnist_cnn_int8), every kernel regularized with "
-                  "tfqreg.regularizers.SoftMinMax() (l=0.05, eta=1), Adam 3e-3, batch 128, 3 "
+                  "tfqreg.regularizers.SoftMinMax(0.05, normalize='none') (the raw penalty), "
+                  "Adam 3e-3, batch 128, 3 "
                   "epochs on the 60,000 Fashion-MNIST training images, seed 0; "
                   "tfqreg.deploy.to_tflite(model, mode='int8', weight_bits=2, runtime='litert', "
                   "representative_data=x[:500]): kernels on tfqreg's 2-bit grid per output "
