@@ -136,3 +136,27 @@ print("RESULT" + json.dumps(out))
         assert msg.startswith("`model`: layer 'dense' has kernel_regularizer 'MSQE'"), msg
         assert "before `import tfqreg`" in msg and "\n" not in msg
     assert out["reloaded"] == ["MSQE", "LInf"]
+
+
+def test_learnable_regularizer_in_a_keras3_layer_is_refused_stateless_one_works():
+    code = """
+import tfqreg
+import keras as keras3
+layer = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.Margin())
+layer.build((None, 3))
+try:
+    layer.losses
+    print("NO ERROR")
+except TypeError as e:
+    print("TypeError:", e)
+plain = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.LInf(normalize="none"))
+plain.build((None, 3))
+import numpy as np
+print("LINF", float(plain.losses[0]), 0.01 * float(np.abs(plain.kernel.numpy()).max()))
+"""
+    out = run(code)
+    assert "TypeError: Margin is a Keras 2 (tf_keras) regularizer with learnable" in out.stdout, \
+        out.stdout + out.stderr[-2000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("LINF"))
+    got, expected = map(float, line.split()[1:])
+    assert abs(got - expected) < 1e-6 * max(1.0, expected)

@@ -313,6 +313,13 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
         record = self._find(x)
         w = _to_compute(x)
         if record is None:
+            if self._state_suffixes and type(x).__module__.split(".")[0] == "keras":
+                raise TypeError(
+                    f"{type(self).__name__} is a Keras 2 (tf_keras) regularizer with learnable "
+                    "parameters, and this is a Keras 3 layer's variable: Keras 3 layers cannot "
+                    "create or train its parameters. Build the model with tfqreg's Keras "
+                    "(`from tfqreg._keras import keras`), or use a stateless tfqreg regularizer "
+                    "(LInf, Foothill, PartialL2, MSQE without trainable_step).")
             state, axes = self._detached_state(self._normalized(w)), None
             if self._state_suffixes and not self._warned_detached:
                 self._warned_detached = True
