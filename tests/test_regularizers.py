@@ -834,3 +834,12 @@ def test_largest_accepted_values_keep_gradients_finite(make):
         y = make()(v)
     g = tape.gradient(y, v)
     assert np.isfinite(float(y)) and np.isfinite(g.numpy()).all()
+
+
+@pytest.mark.parametrize("factory, name", [
+    (lambda: R.Foothill(beta=1e308), "beta"), (lambda: R.Foothill(center=1e308), "center"),
+    (lambda: R.MSQE(step=1e308), "step"), (lambda: R.Margin(margin=1e308), "margin"),
+])
+def test_huge_shape_arguments_are_refused(factory, name):
+    with pytest.raises(ValueError, match=f"`{name}` must be at most"):
+        factory()

@@ -440,8 +440,8 @@ class Foothill(_TensorRegularizer):
     def __init__(self, l=1e-4, alpha=1.0, beta=2.0, center=0.0):
         super().__init__(l)
         self.alpha = _check_arg("alpha", alpha, high=_MAX_ARG)
-        self.beta = _check_arg("beta", beta)
-        self.center = _check_arg("center", center, "nonnegative")
+        self.beta = _check_arg("beta", beta, high=_MAX_ARG)
+        self.center = _check_arg("center", center, "nonnegative", high=_MAX_ARG)
 
     def _penalty(self, w, state, channel_axes):
         return foothill_penalty(w, self.alpha, self.beta, self.center)
@@ -511,7 +511,7 @@ class Margin(_TensorRegularizer):
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.power = _check_arg("power", power, "power")
         self.margin_weight = _check_arg("margin_weight", margin_weight, high=_MAX_ARG)
-        self.margin = _check_arg("margin", margin, optional=True)
+        self.margin = _check_arg("margin", margin, optional=True, high=_MAX_ARG)
 
     def _initial_state(self, w, channel_axes):
         if self.margin is not None:
@@ -608,7 +608,7 @@ class MSQE(_TensorRegularizer):
         super().__init__(l)
         self.fold_batchnorm = _check_arg("fold_batchnorm", fold_batchnorm, "bool")
         self.bits = _check_arg("bits", bits, "bits")
-        self.step = _check_arg("step", step, optional=True)
+        self.step = _check_arg("step", step, optional=True, high=_MAX_ARG)
         self.per_channel = _check_arg("per_channel", per_channel, "bool")
         self.narrow_range = _check_arg("narrow_range", narrow_range, "bool")
         self.trainable_step = _check_arg("trainable_step", trainable_step, "bool")
