@@ -71,9 +71,16 @@ def _cases():
         add("PartialL2", ctor(regularizers.PartialL2, arg), arg, BAD_REAL + [-1.0, 0.0, 1e308])
 
     # --- tfqreg.quantizers, tfqreg.losses
-    add("FoothillSign", ctor(quantizers.FoothillSign, "beta"), "beta", BAD_REAL + [-1.0, 0.0])
+    add("FoothillSign", ctor(quantizers.FoothillSign, "beta"), "beta",
+        BAD_REAL + [-1.0, 0.0, 1e308])
+    add("FoothillSign", lambda m, x, d, v: quantizers.foothill_sign(x, beta=v), "beta",
+        [1e308, NAN, True])
+    add("FoothillSign", ctor(quantizers.FoothillSign, "metrics"), "metrics",
+        [5, "c1", "flip_ratio", True, [5], [None], ["accuracy"], {"flip_ratio": 1}])
     for arg in ("alpha", "beta"):
-        add("losses.Foothill", ctor(losses.Foothill, arg), arg, BAD_REAL + [-1.0, 0.0])
+        add("losses.Foothill", ctor(losses.Foothill, arg), arg, BAD_REAL + [-1.0, 0.0, 1e308])
+    add("losses.Foothill", ctor(losses.Foothill, "reduction"), "reduction",
+        BAD_CHOICE + [None, ["sum"]])
 
     # --- tfqreg.training
     for arg in ("lambda_w", "lambda_a"):
@@ -171,19 +178,39 @@ def _cases():
                         ("prune_epochs", BAD_INT + [None, -1]),
                         ("quant_epochs", BAD_INT + [None, -1]),
                         ("per_channel", BAD_BOOL), ("narrow_range", BAD_BOOL),
-                        ("layers", [[5]]),
-                        ("learning_rate", BAD_REAL[:5] + [-1.0, 0.0]),
-                        ("quant_learning_rate", ["x", True, [1.0], NAN, -1.0, 0.0]),
+                        ("layers", BAD_NAMES + [[], [None], ("c1", 5)]),
+                        ("metrics", BAD_NAMES + [None, [None], {"accuracy": 1}]),
+                        ("learning_rate", BAD_REAL + [-1.0, 0.0]),
+                        ("quant_learning_rate", ["x", True, [1.0], NAN, INF, -1.0, 0.0]),
                         ("batch_size", BAD_INT + [None, -1, 0]),
-                        ("alpha_init", ["x", True, None, [1.0]]),
+                        ("beta", BAD_REAL + [-1.0, 0.0, 1e308]),
+                        ("alpha_init", ["x", True, None, [1.0], NAN, INF, -1e3, 50.0, 1e308]),
+                        ("alpha_max", BAD_REAL + [-1.0, 1e308]),
                         ("mode", BAD_CHOICE + [None]),
-                        ("grid_tol", ["x", True, [1.0], NAN, -1.0, 0.0])):
+                        ("grid_tol", ["x", True, [1.0], NAN, INF, -1.0, 0.0]),
+                        ("per_layer_terms", BAD_BOOL),
+                        ("steps_per_epoch", BAD_INT + [-1, 0]),
+                        ("verbose", BAD_INT + [None, -1, 3])):
         add("Compressor", ctor(compression.Compressor, arg), arg, values)
+    add("Compressor", lambda m, x, d, v: compression.Compressor(alpha_init=1.0, alpha_max=v),
+        "alpha_max", [0.5, -100.0])
 
     # --- tfqreg.datasets
     add("datasets.load", lambda m, x, d, v: datasets.load(name=v), "name", BAD_CHOICE + [None])
     add("datasets.load", lambda m, x, d, v: datasets.load(batch_size=v), "batch_size",
         BAD_INT + [None, -1, 0])
+    for arg, values in (("files_dir", [5, True, b"dir", ["dir"]]),
+                        ("data_dir", [5, True, b"dir", ["dir"]]),
+                        ("shuffle", BAD_BOOL),
+                        ("seed", BAD_INT + [-1, 2 ** 63]),
+                        ("train_take", BAD_INT + [-1, 0]),
+                        ("test_take", BAD_INT + [-1, 0])):
+        add("datasets.load", lambda m, x, d, v, arg=arg: datasets.load(**{arg: v}), arg, values)
+    for arg in ("files_dir", "data_dir"):
+        add("datasets.load_numpy", lambda m, x, d, v, arg=arg: datasets.load_numpy(**{arg: v}),
+            arg, [5, True])
+    add("datasets.find_files_dir",
+        lambda m, x, d, v: datasets.find_files_dir("mnist", files_dir=v), "files_dir", [5, True])
     return c
 
 
@@ -199,6 +226,25 @@ def test_bad_argument_is_named(case_id, call, arg, value, model, x, tmp_path):
     assert type(e.value).__module__.split(".")[0] in ("builtins", "tfqreg"), type(e.value)
     assert f"`{arg}" in msg or re.search(rf"\b{re.escape(arg)}\b", msg), msg
     assert "\n" not in msg.strip(), msg
+
+
+def test_edge_values_that_stay_valid(model, tmp_path):
+    """What the checks above must not refuse: the bounds themselves, larq's metric list, one
+    name for ``layers`` / ``metrics`` (as tfqreg.training), a negative α₀ (a small e^α)."""
+    assert quantizers.FoothillSign(beta=1e6).beta == 1e6
+    assert list(quantizers.FoothillSign(metrics=("flip_ratio",))._custom_metrics) == ["flip_ratio"]
+    assert quantizers.FoothillSign(metrics=None)._custom_metrics is None
+    loss = losses.Foothill(alpha=1e6, beta=1e6, reduction="sum")
+    assert (loss.alpha, loss.beta, loss.reduction) == (1e6, 1e6, "sum")
+    assert losses.Foothill.from_config(loss.get_config()).reduction == "sum"
+    comp = compression.Compressor(layers="c1", metrics="accuracy", beta=1e6, alpha_init=-80.0,
+                                  alpha_max=-1.0, learning_rate=1e-2, steps_per_epoch=5,
+                                  per_layer_terms=False, verbose=0, grid_tol=0.1)
+    assert (comp.layers, comp.metrics, comp.alpha_init, comp.alpha_max) == \
+        (["c1"], ["accuracy"], -80.0, -1.0)
+    assert compression.Compressor(metrics=[keras.metrics.SparseCategoricalAccuracy()]).metrics
+    assert compression.Compressor.from_config(comp.get_config()).get_config() == comp.get_config()
+    assert compression.Compressor(alpha_max=0.0).alpha_max == 0.0
 
 
 def test_the_cases_cover_every_kind_of_bad_value():

@@ -51,6 +51,24 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _check_dir(name: str, value) -> Optional[str]:
+    """``None`` or a folder path (``str`` / ``os.PathLike``), else ``TypeError`` naming
+    ``name``."""
+    if value is None:
+        return None
+    if isinstance(value, bytes) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"`{name}` must be a folder path (str or os.PathLike) or None, got "
+                        f"{value!r} ({type(value).__name__}).")
+    return os.fspath(value)
+
+
+def _check_take(name: str, value) -> Optional[int]:
+    """``None`` (every example) or a count >= 1 (``0`` would silently mean "all")."""
+    if value is None:
+        return None
+    return _checks.check_int(name, value, low=1)
+
+
 def local_files_dir(files_dir: Optional[str] = None) -> Optional[str]:
     """``files_dir`` for the scripts that ship with tfqreg (main job, examples, benchmarks).
 
@@ -59,7 +77,7 @@ def local_files_dir(files_dir: Optional[str] = None) -> Optional[str]:
     offline machines tfqreg is developed on), if one exists; else ``None`` (download as usual).
     The library's own loaders never look for that folder by themselves.
     """
-    given = files_dir or os.environ.get(ENV_VAR)
+    given = _check_dir("files_dir", files_dir) or os.environ.get(ENV_VAR)
     if given:
         return given
     checkout = Path(__file__).resolve().parent.parent
@@ -78,6 +96,7 @@ def find_files_dir(name: str, files_dir: Optional[str] = None) -> Optional[Path]
             the four files.
     """
     _check_name(name)
+    files_dir = _check_dir("files_dir", files_dir)
     root = files_dir if files_dir is not None else os.environ.get(ENV_VAR) or None
     if root is None:
         return None
@@ -166,16 +185,28 @@ def load(
         data_dir: where tensorflow-datasets keeps the prepared data (default
             ``~/.cache/tfqreg/tfds`` when building from local files, tfds' default otherwise).
         shuffle: shuffle the training set (seeded).
-        seed: shuffle seed.
-        train_take, test_take: keep only the first N examples (for quick runs).
+        seed: shuffle seed, an integer in [0, 2**63 - 1], or ``None`` for an unseeded shuffle
+            (a different order in every run, ``tf.data``'s behaviour without a seed).
+        train_take, test_take: keep only the first N >= 1 examples (for quick runs); ``None``
+            keeps all.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named in the message), before any file is read.
     """
     _check_name(name)
     _checks.check_int("batch_size", batch_size, low=1)
+    files_dir = _check_dir("files_dir", files_dir)
+    data_dir = _check_dir("data_dir", data_dir)
+    shuffle = _checks.check_bool("shuffle", shuffle)
+    if seed is not None:
+        seed = _checks.check_int("seed", seed, low=0, high=2 ** 63 - 1)
+    train_take = _check_take("train_take", train_take)
+    test_take = _check_take("test_take", test_take)
     files = find_files_dir(name, files_dir)
     train, test = _tfds_load(name, files, data_dir)
-    if train_take:
+    if train_take is not None:
         train = train.take(train_take)
-    if test_take:
+    if test_take is not None:
         test = test.take(test_take)
     train = train.map(_prepare, num_parallel_calls=tf.data.AUTOTUNE).cache()
     if shuffle:
@@ -195,6 +226,8 @@ def load_numpy(
     ``(N, 28, 28, 1)``; int64 labels), through the same tensorflow-datasets path as :func:`load`.
     """
     _check_name(name)
+    files_dir = _check_dir("files_dir", files_dir)
+    data_dir = _check_dir("data_dir", data_dir)
     files = find_files_dir(name, files_dir)
     train, test = _tfds_load(name, files, data_dir)
     out = []

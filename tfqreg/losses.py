@@ -16,25 +16,40 @@ namespace, kept apart from the regularizer alias ``"foothill"``).
 
 from __future__ import annotations
 
-import math
-import numbers
-
-import numpy as np
-
+from tfqreg import _checks
 from tfqreg import foothill as _foothill
 from tfqreg._keras import keras, tf
 
 __all__ = ["Foothill", "foothill_loss", "ALIASES"]
 
 
+_MAX_ARG = 1e6
+"""Upper bound of α (as the regularizers' strengths): the loss is ≈ α|x| far from 0, so a
+larger α overflows float32 (inf loss) for ordinary residuals."""
+_MAX_BETA = 1e30
+"""Upper bound of β: the exact bounded derivative keeps β up to ~1e38 finite, but β itself
+must fit a float32 (``beta=1e308`` is inf there)."""
+
+
 def _check_arg(name: str, value) -> float:
-    """``value`` as a float > 0, else ``TypeError``/``ValueError`` naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise TypeError(f"`{name}` must be a real number, got {value!r} ({type(value).__name__}).")
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"`{name}` must be finite and > 0, got {value}.")
-    return value
+    """``value`` as a float in (0, 1e6] (β: (0, 1e30]), else ``TypeError``/``ValueError``
+    naming ``name``."""
+    high = _MAX_BETA if name == "beta" else _MAX_ARG
+    return _checks.check_real(name, value, low=0.0, high=high, low_open=True,
+                              owner="Foothill")
+
+
+def _check_reduction(reduction) -> str:
+    """One of Keras' reduction keys; Keras' own error (``Invalid Reduction Key``) does not name
+    the argument."""
+    keys = tuple(keras.losses.Reduction.all())
+    if not isinstance(reduction, str):
+        raise TypeError(f"Foothill: `reduction` must be a string, one of {list(keys)}, got "
+                        f"{reduction!r} ({type(reduction).__name__}).")
+    if reduction not in keys:
+        raise ValueError(f"Foothill: `reduction` must be one of {list(keys)}, got "
+                         f"{reduction!r}.")
+    return reduction
 
 
 def foothill_loss(y_true, y_pred, alpha: float = 1.0, beta: float = 1.0) -> tf.Tensor:
@@ -61,16 +76,17 @@ class Foothill(keras.losses.Loss):
     ``tfqreg>FoothillLoss``; alias ``"foothill"`` in ``compile(loss=...)``).
 
     Args:
-        alpha: slope of the linear tails (> 0). Default 1.
-        beta: sharpness (> 0); the quadratic→linear switch sits near |x| = 2/β. Default 1.
+        alpha: slope of the linear tails (0 < α ≤ 1e6). Default 1.
+        beta: sharpness (0 < β ≤ 1e30); the quadratic→linear switch sits near |x| = 2/β.
+            Default 1.
         reduction, name: as for every Keras loss.
     """
 
     def __init__(self, alpha=1.0, beta=1.0, reduction=keras.losses.Reduction.AUTO,
                  name="foothill"):
-        super().__init__(reduction=reduction, name=name)
-        self.alpha = _check_arg("alpha", alpha)
-        self.beta = _check_arg("beta", beta)
+        alpha, beta = _check_arg("alpha", alpha), _check_arg("beta", beta)
+        super().__init__(reduction=_check_reduction(reduction), name=name)
+        self.alpha, self.beta = alpha, beta
 
     def call(self, y_true, y_pred):
         return foothill_loss(y_true, y_pred, self.alpha, self.beta)

@@ -44,8 +44,33 @@ __all__ = ["foothill_sign", "FoothillSign", "ALIASES"]
 _LarqBase = getattr(lq.quantizers, "_BaseQuantizer", lq.quantizers.Quantizer)
 
 
+_MAX_BETA = 1e6
+"""Upper bound of β (as the regularizers' strengths): the pseudo-gradient peaks at β, and a
+larger β (``1e308``) makes ``cosh βx`` and the gradient overflow float32 near 0."""
+
+
 def _check_beta(beta) -> float:
-    return _checks.check_real("beta", beta, low=0.0, low_open=True)
+    return _checks.check_real("beta", beta, low=0.0, high=_MAX_BETA, low_open=True)
+
+
+def _check_metrics(metrics) -> Optional[list]:
+    """``None`` (larq's defaults from ``larq.context.metrics_scope``) or a list of larq metric
+    names (``["flip_ratio"]``), as larq's quantizers take them; anything else (a bare string,
+    a number, a bool, a list of non-names) is refused naming `metrics`."""
+    if metrics is None:
+        return None
+    available = sorted(getattr(lq.context, "_available_metrics", {"flip_ratio"}))
+    if isinstance(metrics, (str, bytes)) or not isinstance(metrics, (list, tuple, set, frozenset)):
+        raise TypeError(f"FoothillSign: `metrics` must be None or a list of larq metric names "
+                        f"(from {available}), got {metrics!r} ({type(metrics).__name__}).")
+    bad = [m for m in metrics if not isinstance(m, str)]
+    if bad:
+        raise TypeError(f"FoothillSign: `metrics` must be larq metric names (str), got {bad!r}.")
+    unknown = [m for m in metrics if m not in available]
+    if unknown:
+        raise ValueError(f"FoothillSign: `metrics` must be larq metric names from {available}, "
+                         f"got {unknown!r}.")
+    return list(metrics)
 
 
 def foothill_sign(x, beta: float = 5.0) -> tf.Tensor:
@@ -86,16 +111,17 @@ class FoothillSign(_LarqBase):
         ...                               kernel_constraint="weight_clip")
 
     Args:
-        beta: Foothill sharpness β > 0 (default 5.0, larq's SwishSign default). The α of the
-            Foothill function cancels in the normalised gradient and is not a parameter.
-        metrics: larq metrics to track (``["flip_ratio"]``) or ``None`` for larq's defaults.
+        beta: Foothill sharpness, 0 < β ≤ 1e6 (default 5.0, larq's SwishSign default). The α
+            of the Foothill function cancels in the normalised gradient and is not a parameter.
+        metrics: larq metrics to track (a list of names: ``["flip_ratio"]``, the only one larq
+            has) or ``None`` for larq's defaults.
     """
 
     precision = 1
 
     def __init__(self, beta: float = 5.0, metrics: Optional[Sequence[str]] = None, **kwargs):
         self.beta = _check_beta(beta)
-        super().__init__(metrics=metrics, **kwargs)
+        super().__init__(metrics=_check_metrics(metrics), **kwargs)
 
     def call(self, inputs):
         return super().call(foothill_sign(inputs, beta=self.beta))

@@ -48,28 +48,91 @@ Data = Union["tf.data.Dataset", Tuple[np.ndarray, np.ndarray]]
 
 
 # ----------------------------------------------------------------------------- checks
+_OWNER = "Compressor"
+_MAX_BETA = 1e6   # as tfqreg.training's terms: larger β overflows the penalty's gradient
+_MAX_ALPHA = 80.0  # e^α overflows float32 above ~88, underflows to 0 below ~-88
+_VERBOSE = (0, 1, 2)
+
+
+def _positive(name, value, optional=False):
+    if value is None and optional:
+        return None
+    return _checks.check_real(name, value, low=0.0, low_open=True, owner=_OWNER)
+
+
+def _names(name, value, ok=lambda v: isinstance(v, str), what="layer names (str)"):
+    """A list from one string or a list / tuple of items passing ``ok``; else refused naming
+    ``name``."""
+    if isinstance(value, str):  # one name, not its characters (as tfqreg.training)
+        return [value]
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{_OWNER}: `{name}` must be a list of {what} or one name, got "
+                        f"{value!r} ({type(value).__name__}).")
+    bad = [v for v in value if isinstance(v, (bool, np.bool_)) or not ok(v)]
+    if bad:
+        raise TypeError(f"{_OWNER}: `{name}` must be {what}, got {bad!r}.")
+    return list(value)
+
+
+def _check_alpha(alpha_init, alpha_max):
+    """``(alpha_init, alpha_max)``: α₀ in [-80, alpha_max] or ``"auto"``, alpha_max <= 80 and
+    at least the α the terms start at (0 with ``"auto"``, which assigns α₀ after building
+    them)."""
+    alpha_max = _checks.check_real("alpha_max", alpha_max, high=_MAX_ALPHA, owner=_OWNER)
+    if isinstance(alpha_init, str):
+        if alpha_init != "auto":
+            raise ValueError(f"{_OWNER}: `alpha_init` must be a number or 'auto', got "
+                             f"{alpha_init!r}.")
+        if alpha_max < 0:
+            raise ValueError(f"{_OWNER}: `alpha_max` must be >= 0 with alpha_init='auto' (the "
+                             f"terms start at alpha = 0), got {alpha_max:g}.")
+        return alpha_init, alpha_max
+    if isinstance(alpha_init, (bool, np.bool_)) or not isinstance(alpha_init, Real):
+        raise TypeError(f"{_OWNER}: `alpha_init` must be a number or 'auto', got "
+                        f"{alpha_init!r} ({type(alpha_init).__name__}).")
+    alpha_init = _checks.check_real("alpha_init", alpha_init, low=-_MAX_ALPHA, owner=_OWNER)
+    if alpha_init > alpha_max:
+        raise ValueError(f"{_OWNER}: `alpha_init` ({alpha_init:g}) must be <= `alpha_max` "
+                         f"({alpha_max:g}).")
+    return alpha_init, alpha_max
+
+
 def _check_config(fraction, bits, prune_epochs, quant_epochs, learning_rate,
-                  quant_learning_rate, batch_size, grid_tol, mode, alpha_init):
-    pruning.check_fraction(fraction)
-    grid.check_bits(bits, low=2, high=16)
-    for name, v in (("prune_epochs", prune_epochs), ("quant_epochs", quant_epochs),
-                    ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"`{name}` must be a non-negative integer, got {v!r}.")
-    if batch_size == 0:
-        raise ValueError("`batch_size` must be >= 1.")
-    if not (alpha_init == "auto" or (isinstance(alpha_init, Real)
-                                     and not isinstance(alpha_init, bool))):
-        raise ValueError(f"`alpha_init` must be a number or 'auto', got {alpha_init!r}.")
-    for name, v in (("learning_rate", learning_rate), ("quant_learning_rate", quant_learning_rate),
-                    ("grid_tol", grid_tol)):
-        if v is None and name != "learning_rate":
-            continue
-        if isinstance(v, bool) or not isinstance(v, Real) or not v > 0:
-            raise ValueError(f"`{name}` must be a number > 0, got {v!r}.")
+                  quant_learning_rate, batch_size, grid_tol, mode, alpha_init, beta=1.0,
+                  alpha_max=30.0, layers=None, metrics=("accuracy",), steps_per_epoch=None,
+                  per_layer_terms=True, verbose=1) -> dict:
+    """Every argument of :class:`Compressor` checked (one-line ``TypeError`` / ``ValueError``
+    naming it) and returned as a plain Python value, keyed by name."""
     from tfqreg.compression.codec import _check_mode
 
-    _check_mode(mode)
+    out = dict(fraction=pruning.check_fraction(fraction),
+               bits=grid.check_bits(bits, low=2, high=16))
+    for name, v in (("prune_epochs", prune_epochs), ("quant_epochs", quant_epochs)):
+        out[name] = _checks.check_int(name, v, low=0, owner=_OWNER)
+    out["batch_size"] = _checks.check_int("batch_size", batch_size, low=1, owner=_OWNER)
+    out["learning_rate"] = _positive("learning_rate", learning_rate)
+    out["quant_learning_rate"] = _positive("quant_learning_rate", quant_learning_rate, True)
+    out["grid_tol"] = _positive("grid_tol", grid_tol, True)
+    out["beta"] = _checks.check_real("beta", beta, low=0.0, high=_MAX_BETA, low_open=True,
+                                     owner=_OWNER)
+    out["alpha_init"], out["alpha_max"] = _check_alpha(alpha_init, alpha_max)
+    if layers is not None:
+        layers = _names("layers", layers)
+        if not layers:
+            raise ValueError(f"{_OWNER}: `layers` is empty; use None for every Dense/Conv "
+                             "layer.")
+    out["layers"] = layers
+    # as keras.Model.compile takes them: names, keras.metrics.Metric objects or functions
+    out["metrics"] = _names("metrics", metrics, ok=lambda v: isinstance(v, str) or callable(v),
+                            what="Keras metrics (names, Metric objects or functions)")
+    out["mode"] = _check_mode(mode)
+    out["steps_per_epoch"] = (None if steps_per_epoch is None else
+                              _checks.check_int("steps_per_epoch", steps_per_epoch, low=1,
+                                                owner=_OWNER))
+    out["per_layer_terms"] = _checks.check_bool("per_layer_terms", per_layer_terms, _OWNER)
+    out["verbose"] = _checks.check_int("verbose", verbose, low=min(_VERBOSE),
+                                       high=max(_VERBOSE), owner=_OWNER)
+    return out
 
 
 def _check_data(data, name: str):
@@ -215,32 +278,29 @@ class Compressor:
                  metrics: Sequence = ("accuracy",), mode: str = "auto",
                  grid_tol: Optional[float] = None, steps_per_epoch: Optional[int] = None,
                  per_layer_terms: bool = True, verbose: int = 1):
-        _check_config(fraction, bits, prune_epochs, quant_epochs, learning_rate,
-                      quant_learning_rate, batch_size, grid_tol, mode, alpha_init)
-        self.fraction = pruning.check_fraction(fraction)
-        self.bits = int(bits)
-        self.prune_epochs = int(prune_epochs)
-        self.quant_epochs = int(quant_epochs)
-        self.per_channel = _checks.check_bool("per_channel", per_channel, "Compressor")
-        self.narrow_range = _checks.check_bool("narrow_range", narrow_range, "Compressor")
-        if isinstance(layers, str):  # one layer name, not its characters
-            layers = [layers]
-        if layers is not None and not all(isinstance(n, str) for n in layers):
-            raise TypeError(f"Compressor: `layers` must be layer names (str), got {layers!r}.")
-        self.layers = list(layers) if layers is not None else None
-        self.learning_rate = float(learning_rate)
-        self.quant_learning_rate = (float(quant_learning_rate) if quant_learning_rate
-                                    else self.learning_rate)
-        self.batch_size = int(batch_size)
-        self.beta, self.alpha_max = float(beta), float(alpha_max)
-        self.alpha_init = alpha_init if alpha_init == "auto" else float(alpha_init)
+        args = _check_config(fraction, bits, prune_epochs, quant_epochs, learning_rate,
+                             quant_learning_rate, batch_size, grid_tol, mode, alpha_init, beta,
+                             alpha_max, layers, metrics, steps_per_epoch, per_layer_terms,
+                             verbose)
+        self.fraction = args["fraction"]
+        self.bits = args["bits"]
+        self.prune_epochs = args["prune_epochs"]
+        self.quant_epochs = args["quant_epochs"]
+        self.per_channel = _checks.check_bool("per_channel", per_channel, _OWNER)
+        self.narrow_range = _checks.check_bool("narrow_range", narrow_range, _OWNER)
+        self.layers = args["layers"]
+        self.learning_rate = args["learning_rate"]
+        self.quant_learning_rate = (args["quant_learning_rate"] or self.learning_rate)
+        self.batch_size = args["batch_size"]
+        self.beta, self.alpha_max = args["beta"], args["alpha_max"]
+        self.alpha_init = args["alpha_init"]
         self.loss = loss
-        self.metrics = [metrics] if isinstance(metrics, str) else list(metrics)
-        self.mode = mode
-        self.grid_tol = grid_tol
-        self.steps_per_epoch = steps_per_epoch
-        self.per_layer_terms = bool(per_layer_terms)
-        self.verbose = int(verbose)
+        self.metrics = args["metrics"]
+        self.mode = args["mode"]
+        self.grid_tol = args["grid_tol"]
+        self.steps_per_epoch = args["steps_per_epoch"]
+        self.per_layer_terms = args["per_layer_terms"]
+        self.verbose = args["verbose"]
 
     def get_config(self) -> dict:
         return {k: getattr(self, k) for k in (
