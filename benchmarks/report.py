@@ -27,6 +27,12 @@ SECTIONS = (
     ("step_time.json", "Training-step overhead (benchmark 3)", "python benchmarks/step_time.py"),
     ("deployment.json", "Deployment (benchmark 4)", "python benchmarks/deployment.py"),
     ("compression.json", "Compression pipeline vs TFMOT", "python benchmarks/compression.py"),
+    ("robustness_gl1_step.json", "Gradient-ℓ1: λ on the step scale, three forms (small_cnn)",
+     "python benchmarks/robustness.py --seeds 2 --methods plain gl1_step_1e-3_fd "
+     "gl1_step_3e-3_fd gl1_step_1e-2_fd gl1_step_3e-3_exact gl1_step_3e-3_lazy4 --tag gl1_step"),
+    ("robustness_ds_cnn_gl1_step.json", "Gradient-ℓ1: λ on the step scale (ds_cnn, BatchNorm)",
+     "python benchmarks/robustness.py --model ds_cnn --epochs 3 --seeds 2 --methods plain "
+     "gl1_step_1e-3_fd gl1_step_3e-3_fd gl1_step_1e-2_fd --tag gl1_step"),
     ("robustness_ds_cnn.json", "Bit-width robustness with BatchNorm (ds_cnn)",
      "python benchmarks/robustness.py --model ds_cnn"),
     ("batchnorm_fold.json", "BatchNorm folding: tfqreg.ptq vs an independent fold",
@@ -36,7 +42,8 @@ SECTIONS = (
 )
 
 #: sections left out of the README (instead of "Not run yet") until their full run exists
-OPTIONAL = {"robustness_ds_cnn.json", "batchnorm_fold.json", "defaults_transfer.json"}
+OPTIONAL = {"robustness_ds_cnn.json", "robustness_gl1_step.json",
+            "robustness_ds_cnn_gl1_step.json", "batchnorm_fold.json", "defaults_transfer.json"}
 
 
 def _describe(d: dict) -> str:

@@ -127,7 +127,7 @@ def method_builders(model: str = "small_cnn") -> Dict[str, Callable[[], keras.Mo
         "msqe_learnable_w4": lambda: training.TrainingModel(
             build(), [training.LearnableMSQE(bits=4, narrow_range=True)]),
         "gradient_l1": lambda: training.TrainingModel(
-            build(), [training.GradientL1(lambda_w=1e-4, lambda_a=1e-4)]),
+            build(), [training.GradientL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum")]),
         "tfmot_qat_w8a8": lambda: __import__(
             "tensorflow_model_optimization").quantization.keras.quantize_model(build()),
         "qat_w4a4": lambda: quantization.quantize_model(build(), weight_bits=4,
@@ -145,7 +145,8 @@ def extra_builders(model: str = "small_cnn") -> Dict[str, Callable[[], keras.Mod
 
     def gl1(lam, start_epoch):
         return lambda: training.TrainingModel(
-            build(), [training.GradientL1(lambda_w=lam, lambda_a=lam, start_epoch=start_epoch)])
+            build(), [training.GradientL1(lambda_w=lam, lambda_a=lam, start_epoch=start_epoch,
+                                          reduction="sum")])
     def step(lam, method="finite_difference", every=1):
         # λ on the dimensionless scale: the first-order bound on the loss increase at 4 bits
         return lambda: training.TrainingModel(build(), [training.GradientL1(

@@ -64,12 +64,14 @@ def _configs():
         "handwritten_exact_w": "handwritten",
         "learnable_msqe": lambda: training.TrainingModel(models.small_cnn(), terms=[
             training.LearnableMSQE(bits=4, per_channel=True)]),
-        "exact_w": lambda: tm(GL1(lambda_w=1e-4))(),
-        "exact_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4))(),
-        "fd_w": lambda: tm(GL1(lambda_w=1e-4, method=fd))(),
-        "fd_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, method=fd))(),
-        "lazy4_exact_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, every=4))(),
-        "lazy4_fd_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, method=fd, every=4))(),
+        "exact_w": lambda: tm(GL1(lambda_w=1e-4, lambda_a=0.0, reduction="sum"))(),
+        "exact_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum"))(),
+        "fd_w": lambda: tm(GL1(lambda_w=1e-4, lambda_a=0.0, reduction="sum", method=fd))(),
+        "fd_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum", method=fd))(),
+        "lazy4_exact_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum",
+                                              every=4))(),
+        "lazy4_fd_wa": lambda: tm(GL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum",
+                                           method=fd, every=4))(),
         "tfmot_qat": qat,
     }
 

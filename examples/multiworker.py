@@ -375,7 +375,7 @@ def run_worker(args: argparse.Namespace) -> int:
     with strategy.scope():
         inner = build_model(keras, args.quick, regularizers.LInf())
         trainer = training.TrainingModel(inner, terms=[
-            training.GradientL1(lambda_w=1e-4, lambda_a=1e-4),
+            training.GradientL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum"),
             training.LearnableMSQE(bits=4, per_channel=True),
         ])
         trainer.compile(keras.optimizers.Adam(3e-3 if args.quick else 1e-3),

@@ -397,7 +397,7 @@ def test_gradient_l1_uses_the_gradient_wrt_the_folded_kernel():
     x = rng.random((8, 6, 6, 2)).astype(np.float32)
     y = rng.integers(0, 3, 8)
     loss = keras.losses.SparseCategoricalCrossentropy()
-    term = training.GradientL1(lambda_w=1.0)
+    term = training.GradientL1(lambda_w=1.0, reduction="sum")
     got = float(term.penalty(model, x, y, loss)["norm_w"])
     conv, fc = model.get_layer("conv"), model.get_layer("fc")
     with tf.GradientTape() as tape:

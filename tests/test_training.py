@@ -69,7 +69,7 @@ def np_msqe(w, step, bits, narrow=False):
 def test_gradient_l1_value_equals_l1_of_separate_gradients():
     model = mlp64()
     x, y = batch64()
-    term = training.GradientL1(lambda_w=0.3, lambda_a=0.7)
+    term = training.GradientL1(lambda_w=0.3, lambda_a=0.7, reduction="sum")
     out = term.penalty(model, x, y, CE)
     loss, norm_w, norm_a, pen = manual_norms(model, x, y, 0.3, 0.7)
     np.testing.assert_allclose(out["task_loss"].numpy(), loss, rtol=1e-12)
@@ -91,7 +91,7 @@ def test_gradient_l1_value_equals_l1_of_separate_gradients():
 def test_gradient_l1_gradient_matches_finite_differences():
     model = mlp64(seed=3)
     x, y = batch64(seed=4)
-    term = training.GradientL1(lambda_w=0.5, lambda_a=0.25)
+    term = training.GradientL1(lambda_w=0.5, lambda_a=0.25, reduction="sum")
     with tf.GradientTape() as tape:
         pen = term.penalty(model, x, y, CE)["penalty"]
     grads = tape.gradient(pen, model.trainable_variables)
@@ -120,7 +120,7 @@ def test_gradient_l1_linear_least_squares_closed_form():
     model = keras.Model(inp, out)
     w = model.get_layer("lin").kernel
     lw, la = 0.3, 0.2
-    term = training.GradientL1(lambda_w=lw, lambda_a=la)
+    term = training.GradientL1(lambda_w=lw, lambda_a=la, reduction="sum")
     with tf.GradientTape() as tape:
         pen = term.penalty(model, X, t, keras.losses.MeanSquaredError())["penalty"]
     dpen = tape.gradient(pen, w).numpy()
@@ -136,7 +136,7 @@ def test_gradient_l1_linear_least_squares_closed_form():
 
 def test_train_step_equals_manual_double_backprop_sgd():
     x, y = batch64(n=8, seed=5)
-    model = training.TrainingModel(mlp64(seed=6), terms=[training.GradientL1(0.2, 0.1)])
+    model = training.TrainingModel(mlp64(seed=6), terms=[training.GradientL1(0.2, 0.1, reduction="sum")])
     model.compile(keras.optimizers.SGD(0.125), CE)  # exact in float32 (the optimizer's lr)
     ref = mlp64(seed=6)
     ref.set_weights(model.inner.get_weights())
@@ -394,7 +394,7 @@ def test_terms_train_on_every_model_kind(kind):
     x = rng.random((16, 12, 12, 1)).astype("float32")
     y = rng.integers(0, 10, 16)
     # the second-order path exists: the penalty has a non-zero gradient w.r.t. every kernel
-    probe = training.GradientL1(lambda_w=1.0, lambda_a=1.0)
+    probe = training.GradientL1(lambda_w=1.0, lambda_a=1.0, reduction="sum")
     with tf.GradientTape() as tape:
         pen = probe.penalty(inner, x, y, keras.losses.SparseCategoricalCrossentropy(
             from_logits=kind != "sequential"), training=True)["penalty"]
@@ -406,7 +406,7 @@ def test_terms_train_on_every_model_kind(kind):
     inner = KINDS[kind]()
     bits = 1 if kind == "larq_bnn" else 4
     model = training.TrainingModel(inner, terms=[
-        training.GradientL1(lambda_w=1e-4, lambda_a=1e-4),
+        training.GradientL1(lambda_w=1e-4, lambda_a=1e-4, reduction="sum"),
         training.LearnableMSQE(bits=bits, per_channel=True),
         training.LearnablePartialL2(fraction=0.5)])
     model.compile(keras.optimizers.Adam(1e-3),
@@ -460,7 +460,7 @@ def test_late_start_by_step_and_epoch():
 def test_metrics_appear_in_tensorboard(tmp_path):
     x, y = batch64(n=8)
     model = training.TrainingModel(mlp64(), terms=[training.GradientL1(1e-3, 1e-3,
-                                                                          start_step=1),
+                                                                          start_step=1, reduction="sum"),
                                                    training.LearnableMSQE(bits=4)])
     model.compile(keras.optimizers.SGD(0.01), CE)
     model.fit(x, y, epochs=2, verbose=0,
@@ -570,7 +570,7 @@ def _trained_model():
     rng = np.random.default_rng(5)
     x = rng.random((16, 28, 28, 1)).astype("float32")
     y = rng.integers(0, 10, 16)
-    terms = [training.GradientL1(1e-4, 1e-5, layers=["conv2", "fc"]),
+    terms = [training.GradientL1(1e-4, 1e-5, layers=["conv2", "fc"], reduction="sum"),
              training.LearnableMSQE(bits=3, per_channel=True, alpha_init=0.5),
              training.LearnablePartialL2(fraction=0.7)]
     model = training.TrainingModel(models.tiny_cnn(), terms=terms)
@@ -611,7 +611,7 @@ def test_h5_weights_and_inner_model_formats(tmp_path):
     learned = _learned(model)
     model.save_weights(str(tmp_path / "w.h5"))
     fresh = training.TrainingModel(models.tiny_cnn(), terms=[
-        training.GradientL1(1e-4, 1e-5, layers=["conv2", "fc"]),
+        training.GradientL1(1e-4, 1e-5, layers=["conv2", "fc"], reduction="sum"),
         training.LearnableMSQE(bits=3, per_channel=True, alpha_init=0.5),
         training.LearnablePartialL2(fraction=0.7)])
     fresh.load_weights(str(tmp_path / "w.h5"))
@@ -649,10 +649,10 @@ def test_term_configs_round_trip():
 
 
 @pytest.mark.parametrize("factory, match", [
-    (lambda: training.GradientL1(lambda_w=-1.0), "lambda_w"),
-    (lambda: training.GradientL1(lambda_a=-1e-3), "lambda_a"),
+    (lambda: training.GradientL1(lambda_w=-1.0, reduction="sum"), "lambda_w"),
+    (lambda: training.GradientL1(lambda_a=-1e-3, reduction="sum"), "lambda_a"),
     (lambda: training.GradientL1(reduction="max"), "reduction"),
-    (lambda: training.GradientL1(start_step=-1), "start_step"),
+    (lambda: training.GradientL1(start_step=-1, reduction="sum"), "start_step"),
     (lambda: training.LearnableMSQE(beta=0.0), "beta"),
     (lambda: training.LearnableMSQE(beta=-1.0), "beta"),
     (lambda: training.LearnableMSQE(bits=0), "bits"),
@@ -668,12 +668,12 @@ def test_bad_configuration_raises(factory, match):
 
 def test_bad_layer_names_and_types():
     with pytest.raises(ValueError, match="'nope'.*not found"):
-        training.TrainingModel(models.tiny_cnn(), terms=[training.GradientL1(layers=["nope"])])
+        training.TrainingModel(models.tiny_cnn(), terms=[training.GradientL1(layers=["nope"], reduction="sum")])
     with pytest.raises(ValueError, match="'gap' has no trainable kernel"):
         training.TrainingModel(models.tiny_cnn(), terms=[training.LearnableMSQE(layers=["gap"])])
     with pytest.raises(ValueError, match="activations"):
         training.TrainingModel(models.tiny_cnn(), terms=[
-            training.GradientL1(lambda_a=1e-4, activations=["missing"])])
+            training.GradientL1(lambda_a=1e-4, activations=["missing"], reduction="sum")])
     with pytest.raises(TypeError, match="bits"):
         training.LearnableMSQE(bits=2.5)
     with pytest.raises(TypeError, match="inner"):
@@ -684,11 +684,11 @@ def test_bad_layer_names_and_types():
 
 def test_large_lambda_warns_unless_late_start():
     with pytest.warns(UserWarning, match="collapse"):
-        training.GradientL1(lambda_w=1e-2)
+        training.GradientL1(lambda_w=1e-2, lambda_a=0.0, reduction="sum")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        training.GradientL1(lambda_w=1e-2, start_step=1000)
-        training.GradientL1(lambda_w=1e-4)
+        training.GradientL1(lambda_w=1e-2, start_step=1000, lambda_a=0.0, reduction="sum")
+        training.GradientL1(lambda_w=1e-4, lambda_a=0.0, reduction="sum")
 
 
 # ------------------------------------------------------------------------------------------
@@ -729,7 +729,7 @@ def test_fashion_mnist_msqe_falls_alpha_rises_and_rounding_is_harmless(fashion_s
 
 def test_wrong_argument_types_name_the_argument(subclassed_model):
     with pytest.raises(TypeError, match="`layers` must be a list of layer names"):
-        training.GradientL1(layers=5)
+        training.GradientL1(layers=5, reduction="sum")
     model = training.TrainingModel(models.tiny_cnn(), terms="gradient_l1")
     assert [type(t).__name__ for t in model.terms] == ["GradientL1"]
 

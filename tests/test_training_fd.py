@@ -58,7 +58,7 @@ def exact_sgd_update(model, x, y, lambda_w, lambda_a, lr):
 
 def fd_model(epsilon, **kw):
     m = training.TrainingModel(mlp64(seed=6), terms=[training.GradientL1(
-        0.2, 0.1, method="finite_difference", epsilon=epsilon, **kw)])
+        0.2, 0.1, method="finite_difference", epsilon=epsilon, **kw, reduction="sum")])
     m.compile(keras.optimizers.SGD(0.125), CE)
     return m
 
@@ -102,7 +102,7 @@ def test_finite_difference_with_batchnorm_matches_exact_and_restores_state():
     model = bn_cnn()
     bn = model.get_layer("bn")
     bn.moving_variance.assign(tf.constant([0.5, 2.0, 1.0, 4.0]))  # the fold scale matters
-    term = training.GradientL1(1e-2, 1e-2, method="finite_difference", epsilon=1e-3)
+    term = training.GradientL1(1e-2, 1e-2, method="finite_difference", epsilon=1e-3, reduction="sum")
     term.attach(model)
     variables = model.trainable_variables
 
@@ -148,8 +148,8 @@ def test_finite_difference_refuses_random_layers():
     h = keras.layers.Dropout(0.5, name="drop")(keras.layers.Dense(4)(inp))
     model = keras.Model(inp, keras.layers.Dense(2)(h))
     with pytest.raises(ValueError, match="drop.*method='exact'"):
-        training.TrainingModel(model, terms=[training.GradientL1(method="finite_difference")])
-    training.TrainingModel(model, terms=[training.GradientL1()])  # exact is fine
+        training.TrainingModel(model, terms=[training.GradientL1(method="finite_difference", reduction="sum")])
+    training.TrainingModel(model, terms=[training.GradientL1(reduction="sum")])  # exact is fine
 
 
 def test_finite_difference_under_mirrored_strategy_matches_single_device(distribute_scope):
@@ -160,7 +160,7 @@ def test_finite_difference_under_mirrored_strategy_matches_single_device(distrib
     def build():
         # no BatchNorm: its batch statistics are per replica, so no model with one matches
         m = training.TrainingModel(bn_cnn(seed=4, batchnorm=False), terms=[training.GradientL1(
-            1e-2, 1e-2, method="finite_difference", every=2)])
+            1e-2, 1e-2, method="finite_difference", every=2, reduction="sum")])
         m.compile(keras.optimizers.SGD(0.1), CE)
         return m
 
@@ -188,7 +188,7 @@ def test_lazy_term_is_applied_every_kth_step_scaled_by_k(method):
     x, y = batch64(seed=7)
     k = 3
     lazy = training.TrainingModel(mlp64(seed=6), terms=[training.GradientL1(
-        0.2, 0.1, method=method, every=k, epsilon=1e-5)])
+        0.2, 0.1, method=method, every=k, epsilon=1e-5, reduction="sum")])
     lazy.compile(keras.optimizers.SGD(0.125), CE)
     ref = mlp64(seed=6)
     ref.set_weights(lazy.inner.get_weights())
@@ -215,7 +215,7 @@ def test_lazy_term_is_applied_every_kth_step_scaled_by_k(method):
 def test_lazy_fit_switches_and_survives_a_second_fit():
     x, y = batch64(n=32, seed=8)
     model = training.TrainingModel(mlp64(seed=1), terms=[training.GradientL1(
-        0.1, method="finite_difference", every=4, start_step=2)])
+        0.1, method="finite_difference", every=4, start_step=2, reduction="sum")])
     model.compile(keras.optimizers.SGD(0.1), CE)
     h = model.fit(x, y, batch_size=8, epochs=2, verbose=0).history
     h2 = model.fit(x, y, batch_size=8, epochs=1, verbose=0).history
@@ -305,7 +305,7 @@ def test_finite_difference_through_a_softmax_output_matches_exact():
     x = tf.constant(rng.normal(size=(16, 6)).astype("float32"))
     y = tf.constant(rng.integers(0, 3, 16))
     loss = keras.losses.SparseCategoricalCrossentropy()
-    term = training.GradientL1(1e-2, 1e-2, method="finite_difference", epsilon=1e-3)
+    term = training.GradientL1(1e-2, 1e-2, method="finite_difference", epsilon=1e-3, reduction="sum")
     term.attach(model)
 
     def forward():
@@ -325,8 +325,8 @@ def test_finite_difference_through_a_softmax_output_matches_exact():
 
 
 @pytest.mark.parametrize("factory, match", [
-    (lambda: training.GradientL1(lambda_w=1e308), "`lambda_w`"),
-    (lambda: training.GradientL1(lambda_a=1e7), "`lambda_a`"),
+    (lambda: training.GradientL1(lambda_w=1e308, reduction="sum"), "`lambda_w`"),
+    (lambda: training.GradientL1(lambda_a=1e7, reduction="sum"), "`lambda_a`"),
     (lambda: training.LearnableMSQE(beta=1e308), "`beta`"),
     (lambda: training.LearnablePartialL2(alpha_init=-1e308), "`alpha_init`"),
     (lambda: training.TrainingModel(mlp64(), terms=5), "`terms`"),
@@ -371,3 +371,11 @@ def test_learnable_msqe_configs_without_folded_step_load_as_absolute():
     assert config["folded_step"] == "relative"
     del config["folded_step"]
     assert training.LearnableMSQE.from_config(config).folded_step == "absolute"
+
+
+def test_documented_defaults_are_the_constructors():
+    term = training.GradientL1()
+    assert (term.lambda_w, term.lambda_a, term.reduction, term.bits, term.method, term.every,
+            term.epsilon) == (3e-3, 3e-3, "step", 4, "exact", 1, 1e-3)
+    doc = training.GradientL1.__doc__
+    assert "Default 3e-3 on the ``\"step\"`` scale" in doc and "``\"step\"`` (default)" in doc
