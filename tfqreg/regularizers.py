@@ -440,7 +440,7 @@ class Foothill(_TensorRegularizer):
     def __init__(self, l=1e-4, alpha=1.0, beta=2.0, center=0.0):
         super().__init__(l)
         self.alpha = _check_arg("alpha", alpha, high=_MAX_ARG)
-        self.beta = _check_arg("beta", beta, high=_MAX_ARG)
+        self.beta = _check_arg("beta", beta, high=1e30)  # finite up to ~3e38 (float32)
         self.center = _check_arg("center", center, "nonnegative", high=_MAX_ARG)
 
     def _penalty(self, w, state, channel_axes):
