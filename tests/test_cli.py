@@ -125,7 +125,7 @@ def test_tf_free_arguments_equal_their_sources():
     from tfqreg import ptq
     assert cli_args.SWEEP_BITS == list(inspect.signature(ptq.sweep).parameters[
         "weight_bits"].default)
-    # `tfqreg run`: main_job keeps its own add_arguments; the two must define the same options
+    # `tfqreg run`: main_job.add_arguments delegates to cli_args; the two define the same options
     assert _options(cli_args.add_run_arguments) == _options(main_job.add_arguments)
 
 

@@ -37,26 +37,10 @@ _WEIGHT_BITS = (8, 6, 5, 4, 3, 2)
 
 
 def add_arguments(parser) -> None:
-    """Arguments of ``tfqreg run``."""
-    parser.add_argument("--data", default="fashion_mnist", choices=datasets.DATASETS)
-    parser.add_argument("--data-dir", default=None,
-                        help=f"folder with the IDX files (default ${datasets.ENV_VAR}, else "
-                             "../shared/data if present, else a tensorflow-datasets download)")
-    parser.add_argument("--tfds-dir", default=None, help="tensorflow-datasets data_dir")
-    parser.add_argument("--regularizer", default="linf",
-                        help="tfqreg regularizer alias for the regularized model (default linf)")
-    parser.add_argument("--strength", type=float, default=None,
-                        help="its strength l (default: the regularizer's own default)")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--results", default=os.path.join("runs", "main"),
-                        help="folder for the table (JSON) and the plot")
-    parser.add_argument("--export-dir", default=os.path.join("tflite_models", "main_job"),
-                        help="folder for the .tflite and micro artifacts")
-    parser.add_argument("--no-export", action="store_true", help="skip the TFLite/micro export")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 2,000 training and 1,000 test images, 1 epoch")
+    """Arguments of ``tfqreg run`` (defined once, TensorFlow-free, in :mod:`tfqreg.cli_args`)."""
+    from tfqreg import cli_args
+
+    cli_args.add_run_arguments(parser)
 
 
 def _regularizer(alias: str, strength: Optional[float]):

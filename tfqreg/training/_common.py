@@ -198,25 +198,20 @@ def kernel_layers(model, layers: Optional[Sequence[str]] = None, owner: str = "t
             raise ValueError(f"{owner}: model '{model.name}' has no Dense/Conv layer with a "
                              "trainable kernel (is it built?).")
         return found
-    by_name = {}
-    for l in all_layers:
-        by_name.setdefault(l.name, l)
-        by_name.setdefault(_unwrap(l).name, l)
     found = []
-    for name in layers:
-        if name not in by_name:
-            known = ", ".join(sorted(l.name for l in all_layers))
-            raise ValueError(f"{owner}: layer '{name}' (in `layers`) not found in model "
-                             f"'{model.name}'. Layers: {known}.")
-        kernels = _kernels_of(by_name[name])
+    for name, layer in zip(layers, _layers_by_name(model, layers, owner, "layers", all_layers)):
+        kernels = _kernels_of(layer)
         if not kernels:
             raise ValueError(f"{owner}: layer '{name}' has no trainable kernel.")
-        found.append((by_name[name], kernels))
+        found.append((layer, kernels))
     return found
 
 
-def _layers_by_name(model, names: Sequence[str], owner: str) -> list:
-    all_layers = _walk_layers(model)
+def _layers_by_name(model, names: Sequence[str], owner: str, argument: str = "activations",
+                    all_layers: Optional[list] = None) -> list:
+    """The layers named ``names`` (a wrapper's or the wrapped layer's name); a ValueError
+    naming ``argument`` and listing the model's layers for a name not in it."""
+    all_layers = _walk_layers(model) if all_layers is None else all_layers
     by_name = {}
     for l in all_layers:
         by_name.setdefault(l.name, l)
@@ -225,7 +220,7 @@ def _layers_by_name(model, names: Sequence[str], owner: str) -> list:
     for name in names:
         if name not in by_name:
             known = ", ".join(sorted(l.name for l in all_layers))
-            raise ValueError(f"{owner}: layer '{name}' (in `activations`) not found in model "
+            raise ValueError(f"{owner}: layer '{name}' (in `{argument}`) not found in model "
                              f"'{model.name}'. Layers: {known}.")
         out.append(by_name[name])
     return out

@@ -168,8 +168,6 @@ class GradientL1(_Term):
         self._kernel_folds: List = []
         self._kernel_sizes: List[int] = []
         self._act_layers: List = []
-        self._random_layers: List[str] = []
-        self._model_ref = None
 
     # -- config ---------------------------------------------------------------------------------
     def get_config(self):
@@ -199,11 +197,11 @@ class GradientL1(_Term):
         if any(type(l).__module__.startswith("tensorflow_model_optimization") for l in layers):
             register_fake_quant_second_order()
         random_types = _random_layer_types()
-        self._random_layers = [l.name for l in layers if isinstance(_unwrap(l), random_types)]
-        if self.method == "finite_difference" and self._random_layers:
+        random_layers = [l.name for l in layers if isinstance(_unwrap(l), random_types)]
+        if self.method == "finite_difference" and random_layers:
             raise ValueError(
                 f"GradientL1(method='finite_difference'): model '{model.name}' has random "
-                f"layers {self._random_layers}; the finite difference compares two forward "
+                f"layers {random_layers}; the finite difference compares two forward "
                 "passes, which must draw the same numbers. Use method='exact', or move the "
                 "random augmentation into the tf.data pipeline.")
 
