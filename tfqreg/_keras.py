@@ -96,6 +96,25 @@ def _is_keras3_object(obj) -> bool:
     return module.split(".")[0] == "keras" and not isinstance(obj, keras.layers.Layer)
 
 
+def keras3_module():
+    """The Keras 3 package (``import keras``) when it is installed, else ``None``.
+
+    Keras 3 support in tfqreg (issue 15) goes through this one accessor: no other module
+    imports ``keras`` or checks a Keras version."""
+    try:
+        import keras as _k3  # noqa: F401  (imported by TensorFlow already: ~0 s)
+    except ImportError:  # pragma: no cover - keras 3 not installed
+        return None
+    if not str(getattr(_k3, "__version__", "")).startswith("3."):  # pragma: no cover
+        return None
+    return _k3
+
+
+def is_keras3(obj) -> bool:
+    """``True`` when ``obj`` is a Keras 3 object (layer, model, optimizer, variable...)."""
+    return _is_keras3_object(obj)
+
+
 def _check_loaded_before_tfqreg(layer, name: str) -> None:
     """A model loaded by ``keras.models.load_model`` before ``import tfqreg`` holds each tfqreg
     regularizer as its bare class name: tf_keras' ``regularizers.get`` returns the name of a
@@ -150,5 +169,5 @@ def check_keras2(obj, name: str = "model", kind=None):
 register = keras.utils.register_keras_serializable(package="tfqreg")
 """Decorator that registers a class under the ``tfqreg`` package (``"tfqreg>Name"``)."""
 
-__all__ = ["keras", "tf", "check_keras2", "register"]
+__all__ = ["keras", "tf", "check_keras2", "register", "keras3_module", "is_keras3"]
 
