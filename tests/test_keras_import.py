@@ -7,7 +7,8 @@ imports only matter before TensorFlow resolves ``tf.keras``, so each case needs 
    Module-style imports (``from tensorflow.keras.x import y``, as larq does) resolve to tf_keras
    even though Keras 3 imported TensorFlow first.
 2. TensorFlow imported and ``tf.keras`` touched (Keras 3) before tfqreg, as an attribute or as a
-   module import: ImportError that names TF_USE_LEGACY_KERAS.
+   module import: ``import tfqreg`` still works (its Keras 2 code uses tf_keras), and only the
+   larq-based parts raise an ImportError that names TF_USE_LEGACY_KERAS, when used.
 """
 
 import json
@@ -73,13 +74,53 @@ print("RESULT" + json.dumps(out))
 @pytest.mark.parametrize("prelude", [
     "import tensorflow as tf\ntf.keras.layers.Dense\n",
     "import tensorflow as tf\nfrom tensorflow.keras import layers\n",
-], ids=["attribute", "module_import"])
-def test_keras3_already_resolved_gives_clear_import_error(prelude):
-    proc = run(prelude + "import tfqreg\n")
-    assert proc.returncode != 0
-    last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("ImportError:")
-    assert "TF_USE_LEGACY_KERAS=1" in last and "Keras 3" in last and "import tfqreg" in last
+    "",
+], ids=["attribute", "module_import", "tfqreg_first"])
+def test_import_tfqreg_works_whatever_was_imported_first(prelude):
+    """``tf.keras`` already Keras 3: ``import tfqreg`` works, its Keras 2 regularizers train in
+    tf_keras, and only the larq parts raise the clear ImportError, when used. tfqreg first: larq
+    works."""
+    code = prelude + """
+import json
+import numpy as np
+import tfqreg
+from tfqreg import _keras
+from tfqreg._keras import keras
+out = {"k3": _keras.TF_KERAS_IS_KERAS3, "keras": keras.__name__}
+m = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, kernel_regularizer="margin")])
+m.compile("sgd", "mse")
+margin = m.layers[0].weights[1]
+before = float(margin.numpy())
+m.fit(np.ones((8, 3)), np.zeros((8, 2)), epochs=2, verbose=0)
+out["names"] = [w.name for w in m.layers[0].weights]
+out["margin_moved"] = float(margin.numpy()) != before
+errors = {}
+for what, use in (("attribute", lambda: tfqreg.quantizers),
+                  ("import", lambda: __import__("tfqreg.quantizers")),
+                  ("require_larq", lambda: _keras.require_larq("the BNN builder"))):
+    try:
+        use()
+        errors[what] = None
+    except ImportError as e:
+        errors[what] = str(e)
+out["errors"] = errors
+print("RESULT" + json.dumps(out))
+"""
+    proc = run(code)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["keras"] == "tf_keras"
+    assert out["names"] == ["dense/kernel:0", "dense/kernel_margin:0", "dense/bias:0"]
+    assert out["margin_moved"]
+    if not prelude:
+        assert out["k3"] is False and set(out["errors"].values()) == {None}
+        return
+    assert out["k3"] is True
+    for what, feature in (("attribute", "tfqreg.quantizers"), ("import", "tfqreg.quantizers"),
+                          ("require_larq", "the BNN builder")):
+        msg = out["errors"][what]
+        assert msg and msg.startswith(f"{feature}") and "needs larq" in msg, (what, msg)
+        assert "TF_USE_LEGACY_KERAS=1" in msg and "Keras 3" in msg and "import tfqreg" in msg
 
 
 def test_the_cli_silences_tensorflow_info_logs_library_users_keep_them():

@@ -1,8 +1,12 @@
 """tfqreg: train Keras models that survive quantization, and ship them to edge hardware.
 
-Importing tfqreg makes Keras 2 (``tf_keras``) the Keras of this process (see
-:mod:`tfqreg._keras`), so import it before anything touches ``tf.keras``. It imports its
-modules, and so registers every tfqreg object and string alias with Keras, at once.
+Importing tfqreg makes Keras 2 (``tf_keras``) the Keras of ``tf.keras`` when nothing has touched
+``tf.keras`` yet (see :mod:`tfqreg._keras`). It works whatever was imported first: when
+``tf.keras`` was already resolved to Keras 3, tfqreg's Keras 2 code still uses ``tf_keras``, its
+Keras 3 support uses ``keras``, and only the larq-based parts (:mod:`tfqreg.quantizers`, the
+LCE export, the BNN builder) are unavailable: they raise a clear ``ImportError`` when used
+(``tfqreg.quantizers`` is then not imported by ``import tfqreg``). It imports its modules, and
+so registers every tfqreg object and string alias with both Kerases, at once.
 
 One exception: the ``tfqreg`` command (:mod:`tfqreg.cli`) imports the package before it parses
 its arguments, and ``--help`` or a bad argument should not wait ~5 s for TensorFlow. In that
@@ -24,7 +28,17 @@ _EAGER_MODULES = ("_keras", "datasets", "foothill", "grid", "losses", "ptq", "qu
 # Deployment is imported on first use (``tfqreg.deploy.to_tflite(...)``, ``tfqreg.export``):
 # ~35 ms today, and it keeps ``import tfqreg`` free of whatever the deploy modules import.
 _LAZY_MODULES = ("deploy", "export", "edgetpu", "micro")
+# Modules that import larq at import time: not imported by ``import tfqreg`` when larq cannot
+# work in this process (``tf.keras`` was Keras 3 before tfqreg); using one raises the
+# ImportError of :func:`tfqreg._keras.require_larq`.
+_LARQ_MODULES = ("quantizers",)
 _loaded = False
+
+
+def _larq_usable() -> bool:
+    from tfqreg import _keras
+
+    return not _keras.TF_KERAS_IS_KERAS3
 
 
 def load() -> None:
@@ -36,7 +50,10 @@ def load() -> None:
         return
     import importlib
 
+    larq_ok = _larq_usable()
     for name in _EAGER_MODULES:
+        if name in _LARQ_MODULES and not larq_ok:
+            continue
         importlib.import_module(f"tfqreg.{name}")
     from tfqreg.summary import summarize, summary  # noqa: F811  (tfqreg.summary(model) prints)
 
@@ -53,6 +70,10 @@ else:
 
 
 def __getattr__(name: str):
+    if name in _LARQ_MODULES and not _larq_usable():
+        from tfqreg._keras import require_larq
+
+        require_larq(f"tfqreg.{name}")  # raises the ImportError that says what to do
     if name in _LAZY_MODULES:
         import importlib
 

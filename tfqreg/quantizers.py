@@ -32,10 +32,12 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
-import larq as lq
+from tfqreg._keras import require_larq
 
-from tfqreg import _checks, foothill, grid
-from tfqreg._keras import keras, register, tf
+lq = require_larq("tfqreg.quantizers (FoothillSign)")
+
+from tfqreg import _checks, foothill, grid  # noqa: E402
+from tfqreg._keras import keras, register, tf  # noqa: E402
 
 __all__ = ["foothill_sign", "FoothillSign", "ALIASES"]
 
