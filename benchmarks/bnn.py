@@ -61,17 +61,22 @@ def row_name(quantizer: str, regularized: bool) -> str:
 def build_bnn(quantizer: str = "ste_sign", strength: Optional[float] = None,
               name: str = "bnn", dense_as_conv: bool = False) -> keras.Model:
     """larq's customary small BNN with ``quantizer`` on inputs (after the first layer) and
-    kernels; ``strength``: Foothill(center=1) on every binarized kernel, or ``None``.
+    kernels (a larq name, or a zero-argument function returning a new quantizer object, e.g.
+    ``lambda: lq.quantizers.SteSign(clip_value=0.5)``); ``strength``: Foothill(center=1) on every binarized kernel, or ``None``.
 
     ``dense_as_conv=True`` writes the two dense layers as the equivalent convolutions
     (QuantConv2D(64, 3) over the 3×3×64 feature map, then a 1×1 QuantConv2D(10)): the same
     function with the same weights (``kernel.reshape``), but Larq Compute Engine, which has no
     binary fully-connected op (larq/compute-engine#53), then bit-packs them as ``LceBconv2d``.
     """
+    def make():  # a fresh quantizer object per use when ``quantizer`` is a factory
+        return quantizer() if callable(quantizer) and not hasattr(quantizer, "get_config") \
+            else quantizer
+
     def kw(first=False):
         reg = None if strength is None else regularizers.Foothill(l=strength, **FOOTHILL)
-        return dict(kernel_quantizer=quantizer, kernel_constraint="weight_clip", use_bias=False,
-                    input_quantizer=None if first else quantizer, kernel_regularizer=reg)
+        return dict(kernel_quantizer=make(), kernel_constraint="weight_clip", use_bias=False,
+                    input_quantizer=None if first else make(), kernel_regularizer=reg)
 
     L = keras.layers
     bn = lambda i: L.BatchNormalization(scale=False, name=f"bn{i}")  # noqa: E731

@@ -285,6 +285,34 @@ def test_benchmark_bnn_quick(data_dir):
         assert q in out  # the table
 
 
+def test_benchmark_bnn_convergence_quick(data_dir):
+    """Tuning picks the best validation width and strength, the final runs record one test
+    accuracy per epoch, and --resume reruns nothing."""
+    qs = ["ste_sign", "approx_sign"]
+    out, t0 = _run("benchmarks/bnn_convergence.py", data_dir, 600, "--quantizers", *qs)
+    path = _fresh_file(os.path.join(RESULTS, "bnn_convergence_quick.json"), t0)
+    _fresh_file(os.path.join(RESULTS, "bnn_convergence_quick.png"), t0)
+    with open(path) as f:
+        res = json.load(f)
+    assert res["settings"]["epochs"] == 2 and res["settings"]["seeds"] == 1
+    assert [w for w, _ in res["tuning"]["width"]["ste_sign"]] == [0.5, 1.0, 2.0]
+    for q in qs:
+        widths, strengths = res["tuning"]["width"][q], res["tuning"]["strength"][q]
+        assert res["choice"][q]["width"] == max(widths, key=lambda t: t[1])[0]
+        assert res["choice"][q]["strength"] == max(strengths, key=lambda t: t[1])[0]
+        for reg, strength in ((False, None), (True, res["choice"][q]["strength"])):
+            run = res["runs"][f"final|{q}|{res['choice'][q]['width']}|{strength}|0"]
+            assert len(run["curve"]) == 2 and run["final"] == run["curve"][-1]
+            _acc_ok(run["final"])
+            row = res["summary"]["rows"][f"{q}+foothill_reg" if reg else q]
+            assert row["final"]["mean"] == pytest.approx(run["final"])
+    assert len(res["runs"]) == 3 + 1 + 3 * 2 + 4  # widths, strengths, final rows
+    assert res["table"] in out
+    again, _ = _run("benchmarks/bnn_convergence.py", data_dir, 600, "--quantizers", *qs,
+                    "--resume")
+    assert f"resuming: {len(res['runs'])} runs done" in again and "== " not in again
+
+
 def test_benchmark_deployment_quick(data_dir):
     out, t0 = _run("benchmarks/deployment.py", data_dir, 600)
     with open(_fresh_file(os.path.join(RESULTS, "deployment_quick.json"), t0)) as f:
