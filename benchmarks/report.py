@@ -39,11 +39,18 @@ SECTIONS = (
      "python benchmarks/batchnorm_fold.py"),
     ("defaults_transfer.json", "Defaults that transfer: every regularizer at its default",
      "python benchmarks/defaults_transfer.py"),
+    ("defaults_transfer_bn_free_5seeds.json",
+     "Defaults that transfer: the two BatchNorm-free models, 5 seeds",
+     "python benchmarks/defaults_transfer.py --archs small_cnn mlp --seeds 5 "
+     "--out benchmarks/results/defaults_transfer_bn_free_5seeds.json"),
+    ("bnn_convergence.json", "Binary networks trained to convergence (benchmark 2b)",
+     "python benchmarks/bnn_convergence.py --train-size 15000 --tune-epochs 2 --epochs 20"),
 )
 
 #: sections left out of the README (instead of "Not run yet") until their full run exists
 OPTIONAL = {"robustness_ds_cnn.json", "robustness_gl1_step.json",
-            "robustness_ds_cnn_gl1_step.json", "batchnorm_fold.json", "defaults_transfer.json"}
+            "robustness_ds_cnn_gl1_step.json", "batchnorm_fold.json", "defaults_transfer.json",
+            "defaults_transfer_bn_free_5seeds.json", "bnn_convergence.json"}
 
 
 def _describe(d: dict) -> str:
@@ -52,9 +59,10 @@ def _describe(d: dict) -> str:
         m = {"description": str(m)}
     bits = [m.get("description") or f"{m.get('cpu_count', d.get('cpu_count', '?'))} CPU cores",
             f"TF {m.get('tensorflow', d.get('tensorflow', '?'))}"]
+    settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
     for key in ("seeds_done", "seeds", "epochs", "repeats"):
-        if key in d:
-            bits.append(f"{key.replace('_', ' ')} {d[key]}")
+        if key in d or key in settings:
+            bits.append(f"{key.replace('_', ' ')} {d.get(key, settings.get(key))}")
     if d.get("wall_seconds"):
         bits.append(f"wall time {d['wall_seconds'] / 60:.0f} min")
     if "loadavg_1min" in d:
