@@ -42,7 +42,7 @@ SECTIONS = (
     ("defaults_transfer_bn_free_5seeds.json",
      "Defaults that transfer: the two BatchNorm-free models, 5 seeds",
      "python benchmarks/defaults_transfer.py --archs small_cnn mlp --seeds 5 "
-     "--out benchmarks/results/defaults_transfer_bn_free_5seeds.json"),
+     "--out defaults_transfer_bn_free_5seeds.json"),
     ("bnn_convergence.json", "Binary networks trained to convergence (benchmark 2b)",
      "python benchmarks/bnn_convergence.py --train-size 15000 --tune-epochs 2 --epochs 20"),
 )
