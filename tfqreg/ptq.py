@@ -112,6 +112,27 @@ def _check_flags(**flags) -> None:
         _checks.check_bool(name, value)
 
 
+def _keras2_mirror(model):
+    """``(model PTQ works on, the user's Keras 3 model or None)``: a Keras 3 Sequential /
+    Functional model is mirrored in tf_keras (:mod:`tfqreg.keras3_bridge`; verified by
+    :func:`_verify_mirror` once the data are checked)."""
+    from tfqreg import keras3_bridge
+
+    if not keras3_bridge.is_keras3_model(model):
+        return model, None
+
+    return keras3_bridge.to_keras2(model, verify=False), model
+
+
+def _verify_mirror(original, mirror, first_batch) -> None:
+    """The mirror computes what the Keras 3 model computes, on the user's first batch."""
+    if original is not None:
+        from tfqreg import keras3_bridge
+
+        keras3_bridge.verify_mirror(original, mirror,
+                                    None if first_batch is None else np.asarray(first_batch))
+
+
 def _int_list(name: str, values) -> List[int]:
     """A sequence of bit widths (each checked later), not an int or a string."""
     if isinstance(values, (str, bytes)) or not isinstance(values, (list, tuple, range)):
@@ -536,7 +557,10 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
     on the tfqreg grid (the input model is not modified).
 
     Args:
-        model: a trained Sequential or Functional Keras 2 model.
+        model: a trained Sequential or Functional model, Keras 2 (``tf_keras``) or Keras 3
+            (TensorFlow backend: it is mirrored in tf_keras by
+            :func:`tfqreg.keras3_bridge.to_keras2`, verified on ``calibration_data`` or random
+            inputs, and the result is a tf_keras model).
         weight_bits: 2..16.
         activation_bits: 2..16 to quantize the tensors TFLite quantizes (the model input, the
             output of every fused op; see the module docstring), or ``None`` (float
@@ -558,20 +582,26 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
         (:func:`tfqreg.fold.find_folds` says why).
 
     Raises:
-        TypeError: not a Keras 2 model, a subclassed model, or a non-bool flag.
+        TypeError: not a Keras model, a subclassed model, a Keras 3 layer the bridge does not
+            translate, or a non-bool flag.
         ValueError: a bit width outside 2..16, no quantizable layer, missing or misshaped
             calibration data.
     """
     if weight_bits is None:
         raise TypeError("`weight_bits` must be an integer in 2..16, got None.")
     _check_flags(per_channel=per_channel, narrow_range=narrow_range)
+    model, keras3_model = _keras2_mirror(model)
     _check_args(model, weight_bits, activation_bits, per_channel, narrow_range)
     if activation_bits is not None and calibration_data is None:
         raise ValueError("`calibration_data` is required when `activation_bits` is given "
                          "(the activation ranges are calibrated on it).")
+    first = None
     if calibration_data is not None:
         _input_shape(model)
-        next(iter(_batches(calibration_data, model, "calibration_data", with_labels=False)))
+        first = next(iter(_batches(calibration_data, model, "calibration_data",
+                                   with_labels=False)))
+    if keras3_model is not None:
+        _verify_mirror(keras3_model, model, first)
     ptq = _PTQModel(model, activations=activation_bits is not None)
     if ptq.plan.unfolded:
         logging.getLogger(__name__).warning(
@@ -754,7 +784,9 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
     """Accuracy of ``model`` in float32 and post-training quantized at each width.
 
     Args:
-        model: a trained Sequential or Functional Keras 2 classifier.
+        model: a trained Sequential or Functional classifier, Keras 2 or Keras 3 (mirrored
+            in tf_keras by :func:`tfqreg.keras3_bridge.to_keras2` and verified on the first
+            batch of ``data``).
         data: labelled evaluation data: ``(x, y)`` NumPy arrays (integer or one-hot labels) or a
             ``tf.data.Dataset`` of ``(x, y)`` batches.
         weight_bits: the weight widths to evaluate (each 2..16).
@@ -774,8 +806,12 @@ def sweep(model: keras.Model, data, weight_bits: Sequence[int] = (8, 6, 5, 4, 3,
     if model is None:
         raise TypeError("`model` must be a tf_keras Model, got None.")
     _check_flags(per_channel=per_channel, narrow_range=narrow_range, progress=progress)
+    model, keras3_model = _keras2_mirror(model)
     _check_args(model, None, activation_bits, per_channel, narrow_range)
     _input_shape(model)
+    if keras3_model is not None:
+        _verify_mirror(keras3_model, model,
+                       next(iter(_batches(data, model, "data", with_labels=True)))[0])
     weight_bits = _int_list("weight_bits", weight_bits)
     extra = _pairs("extra", extra)
     configs = [(None, None)] + [(b, activation_bits) for b in weight_bits] + [

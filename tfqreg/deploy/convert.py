@@ -175,7 +175,8 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
                   min_agreement: float, path: Optional[str] = None,
                   notes: Sequence[str] = (),
                   extra: Optional[Dict[str, Any]] = None, reference: str = "Keras",
-                  keras_params: Optional[int] = None) -> ExportResult:
+                  keras_params: Optional[int] = None,
+                  parity_model: Any = None) -> ExportResult:
     """What every converter does last: report, parity check, write, raise on a failed check.
 
     Args:
@@ -191,6 +192,8 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
         notes, extra: added to the report.
         reference: what the parity report calls ``model`` (e.g. the simulated model).
         keras_params: the parameter count reported (default ``model.count_params()``).
+        parity_model: the model whose outputs the check compares with (default ``model``;
+            the user's Keras 3 model when ``model`` is its tf_keras mirror).
 
     Returns:
         An :class:`~tfqreg.deploy.report.ExportResult`.
@@ -203,7 +206,8 @@ def finish_export(model: Any, flatbuffer: bytes, target: str, mode: str, io_dtyp
                                           io_dtype, batch_size, list(notes), extra)
     result = ExportResult(flatbuffer, report, None, *keras_names(model, flatbuffer))
     if check:
-        report.parity = measure_parity(model, Runner(flatbuffer, backend), sample_xs, mode,
+        report.parity = measure_parity(model if parity_model is None else parity_model,
+                                       Runner(flatbuffer, backend), sample_xs, mode,
                                        atol, min_agreement, reference=reference)
     if path is not None:
         result.save(path)
@@ -286,7 +290,11 @@ def to_tflite(
     """Convert a Keras model to TFLite and check it against Keras in the LiteRT interpreter.
 
     Args:
-        model: a built ``tf_keras`` model.
+        model: a built ``tf_keras`` model, or a Keras 3 Sequential / Functional model
+            (TensorFlow backend): it is converted through its tf_keras mirror
+            (:func:`tfqreg.keras3_bridge.to_keras2`, verified on the check's inputs), and the
+            float / dynamic / int8 parity check compares the file with the Keras 3 model's
+            own outputs (4- / 2-bit files: with the simulated model, as for Keras 2).
         mode: ``"float"``, ``"dynamic"`` (int8 weights, float activations) or ``"int8"``
             (full integer).
         representative_data: calibration inputs for ``"int8"`` (see module docstring for the
@@ -323,6 +331,11 @@ def to_tflite(
         ParityError: ``check`` is on and the TFLite model does not match Keras.
         FileExistsError: ``path`` exists and ``overwrite`` is false.
     """
+    from tfqreg import keras3_bridge
+
+    keras3_model = None
+    if keras3_bridge.is_keras3_model(model):  # its tf_keras mirror, verified below
+        keras3_model, model = model, keras3_bridge.to_keras2(model, verify=False)
     check_keras2(model, "model", keras.Model)
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"`mode` must be one of {MODES}, got {mode!r}.")
@@ -334,13 +347,14 @@ def to_tflite(
     if weight_bits not in (None, 8):
         return _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check,
                           sample, path, min_agreement, calibration_samples, weight_bits,
-                          runtime, per_channel)
+                          runtime, per_channel, keras3_model)
     specs = input_specs(model)
     rep_xs = None
     if representative_data is not None:
         rep_xs = to_samples(representative_data, specs, "representative_data",
                             calibration_samples)
     xs = sample_inputs(specs, sample, rep_xs) if check else None
+    _verify_keras3(keras3_model, model, xs or rep_xs)
     static = static_model(model, batch_size)
     conv = tf.lite.TFLiteConverter.from_keras_model(static)
     if mode in ("dynamic", "int8"):
@@ -379,7 +393,20 @@ def to_tflite(
             )
         notes += [f"kept in float: {b}" for b in bad]
     return finish_export(model, flat, "tflite", mode, io_dtype, batch_size, check, xs, "litert",
-                         atol, min_agreement, path, notes)
+                         atol, min_agreement, path, notes,
+                         reference="Keras" if keras3_model is None else "Keras 3",
+                         parity_model=keras3_model)
+
+
+def _verify_keras3(keras3_model: Any, mirror: Any, xs: Optional[List[np.ndarray]]) -> None:
+    """A Keras 3 model is exported through its tf_keras mirror: check, on the inputs of the
+    parity check (or the representative data, or random inputs), that the mirror computes what
+    the Keras 3 model computes (:func:`tfqreg.keras3_bridge.verify_mirror`)."""
+    if keras3_model is None:
+        return
+    from tfqreg import keras3_bridge
+
+    keras3_bridge.verify_mirror(keras3_model, mirror, xs)
 
 
 def lowbit_granularity(runtime: str, per_channel: bool = True):
@@ -406,7 +433,8 @@ def simulated_reference(model: Any, weight_bits: int, runtime: str = "litert",
 
 
 def _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check, sample, path,
-               min_agreement, calibration_samples, weight_bits, runtime, per_channel):
+               min_agreement, calibration_samples, weight_bits, runtime, per_channel,
+               keras3_model=None):
     """``to_tflite`` with packed INT4 / INT2 weights (see the module docstring)."""
     from tfqreg import ptq
     from tfqreg.deploy import lowbit
@@ -423,6 +451,7 @@ def _to_lowbit(model, mode, representative_data, io_dtype, batch_size, check, sa
                          f"simulates the reference); this model has {len(specs)} inputs.")
     rep_xs = to_samples(representative_data, specs, "representative_data", calibration_samples)
     xs = sample_inputs(specs, sample, rep_xs) if check else None
+    _verify_keras3(keras3_model, model, xs or rep_xs)
     granularity = lowbit_granularity(runtime, per_channel)
     on_grid = ptq.quantize(model, weight_bits, per_channel=granularity)
     activations = "int8" if mode == "int8" else "float"
