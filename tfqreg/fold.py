@@ -53,10 +53,11 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from tfqreg._keras import check_keras2, keras, tf
+from tfqreg._keras import check_keras2, is_keras3, keras, keras3_module, tf
 
 __all__ = [
     "FoldPlan",
+    "channel_axes",
     "consumers",
     "activation_name",
     "is_fused_activation",
@@ -72,31 +73,65 @@ __all__ = [
 ]
 
 
-def foldable_layer_types() -> tuple:
+def _keras_of(layer):
+    """The Keras package ``layer`` belongs to: ``tf_keras``, or Keras 3 for a Keras 3 layer.
+    The lookup below reads the layer graph of either (the regularizers run it on the layers of
+    Keras 2 and Keras 3 models alike); model-level folding (:func:`fold_model`) is Keras 2."""
+    return keras3_module() if is_keras3(layer) else keras
+
+
+def foldable_layer_types(layers=None) -> tuple:
     """The layer classes a following BatchNorm folds into (TFLite ``FULLY_CONNECTED``,
-    ``CONV_2D`` / ``CONV_3D``, ``DEPTHWISE_CONV_2D``). Transposed and separable convolutions
-    are not among them."""
-    excluded = tuple(getattr(keras.layers, n) for n in (
+    ``CONV_2D`` / ``CONV_3D``, ``DEPTHWISE_CONV_2D``), and the excluded subclasses: transposed
+    and separable convolutions. ``layers``: a Keras ``layers`` namespace (default tf_keras')."""
+    layers = keras.layers if layers is None else layers
+    excluded = tuple(getattr(layers, n) for n in (
         "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose", "SeparableConv1D",
-        "SeparableConv2D") if hasattr(keras.layers, n))
-    base = (keras.layers.Dense, keras.layers.Conv1D, keras.layers.Conv2D, keras.layers.Conv3D,
-            keras.layers.DepthwiseConv2D)
+        "SeparableConv2D") if hasattr(layers, n))
+    base = (layers.Dense, layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.DepthwiseConv2D)
     return base, excluded
 
 
 def _is_foldable_type(layer) -> bool:
-    base, excluded = foldable_layer_types()
+    base, excluded = foldable_layer_types(_keras_of(layer).layers)
     return isinstance(layer, base) and not isinstance(layer, excluded) and \
         getattr(layer, "kernel_quantizer", None) is None
 
 
+def _is_depthwise(layer) -> bool:
+    return isinstance(layer, _keras_of(layer).layers.DepthwiseConv2D)
+
+
 def _kernel_of(layer):
-    return layer.depthwise_kernel if isinstance(layer, keras.layers.DepthwiseConv2D) \
-        else layer.kernel
+    # Keras 2 names the depthwise kernel ``depthwise_kernel``, Keras 3 ``kernel``
+    if _is_depthwise(layer) and not is_keras3(layer):
+        return layer.depthwise_kernel
+    return layer.kernel
+
+
+def channel_axes(layer):
+    """:func:`tfqreg.grid.channel_axes_for` for a layer of either Keras: the per-channel axes of
+    its kernel (``(-1,)`` Dense/Conv, ``(2, 3)`` depthwise, ``(-2,)`` transposed), or ``None``."""
+    from tfqreg import grid
+
+    if not is_keras3(layer):
+        return grid.channel_axes_for(layer)
+    layers = _keras_of(layer).layers
+    if isinstance(layer, layers.DepthwiseConv2D):
+        return (2, 3)
+    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose,
+                          layers.Conv3DTranspose)):
+        return (-2,)
+    if isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D, layers.Dense)):
+        return (-1,)
+    return None
 
 
 def consumers(layer) -> List:
-    """Layers that take ``layer``'s output, over all of its call sites."""
+    """Layers that take ``layer``'s output, over all of its call sites (in Keras 3, its live
+    call sites: see :func:`_live_nodes`)."""
+    if is_keras3(layer):
+        return [nxt.operation for node in _live_nodes(layer) for nxt in _next_nodes(node)]
     out = []
     for node in getattr(layer, "_outbound_nodes", None) or []:
         consumer = getattr(node, "outbound_layer", None)
@@ -105,11 +140,59 @@ def consumers(layer) -> List:
     return out
 
 
+# Keras 3 layer graphs. A Keras 3 Sequential model rebuilds its graph each time a layer is added
+# (``Sequential.from_config``, i.e. every loaded model, adds them one by one) and the old graphs'
+# nodes stay in each layer's ``_inbound_nodes``: a layer of a loaded 3-layer model has been
+# "called" up to three times. Its live call is the last one (each rebuild appends); an earlier
+# node counts as a second call (shared weights) only if it feeds the same end of the graph as
+# the last one does (a stale graph ends elsewhere). Keras 3 has no public API for a layer's
+# consumers: ``_inbound_nodes``/``_outbound_nodes`` and the nodes' public ``operation``,
+# ``outputs`` and ``input_tensors`` are used, as tf_keras' ``_outbound_nodes`` is for Keras 2.
+
+def _next_nodes(node) -> List:
+    """The Keras 3 nodes that take an output of ``node`` as input."""
+    outputs = [id(t) for t in node.outputs]
+    return [nxt for nxt in getattr(node.operation, "_outbound_nodes", None) or []
+            if any(id(t) in outputs for t in nxt.input_tensors)]
+
+
+def _graph_ends(node) -> set:
+    """``id``s of the nodes without successors reachable from ``node`` (itself if none)."""
+    seen, stack, ends = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        successors = _next_nodes(n)
+        if not successors:
+            ends.add(id(n))
+        stack.extend(successors)
+    return ends
+
+
+def _live_nodes(layer) -> List:
+    """A Keras 3 layer's calls in its current graph (see above)."""
+    nodes = list(getattr(layer, "_inbound_nodes", None) or [])
+    if len(nodes) <= 1:
+        return nodes
+    ends = _graph_ends(nodes[-1])
+    return [n for n in nodes[:-1] if _graph_ends(n) & ends] + [nodes[-1]]
+
+
+def _calls(layer) -> int:
+    """How many times ``layer`` is called in its model graph."""
+    if is_keras3(layer):
+        return len(_live_nodes(layer))
+    return len(getattr(layer, "_inbound_nodes", []) or [])
+
+
 def activation_name(layer) -> Optional[str]:
     """``"relu"``, ``"relu6"``, ``"linear"`` or another name for an activation layer or a
     layer's own activation; ``None`` for layers that have none (a ``ReLU`` with a slope, a
     threshold or a cap other than 6 is ``"relu_custom"``)."""
-    if isinstance(layer, keras.layers.ReLU):
+    k = _keras_of(layer)
+    if isinstance(layer, k.layers.ReLU):
         mv = None if layer.max_value is None else float(layer.max_value)
         if float(layer.negative_slope) == 0 and float(layer.threshold) == 0 and mv in (None, 6.0):
             return "relu" if mv is None else "relu6"
@@ -117,7 +200,7 @@ def activation_name(layer) -> Optional[str]:
     act = getattr(layer, "activation", None)
     if act is None:
         return None
-    name = keras.activations.serialize(act)
+    name = k.activations.serialize(act)
     return name if isinstance(name, str) else str(name)
 
 
@@ -129,7 +212,8 @@ tensor)."""
 def is_fused_activation(layer) -> bool:
     """Whether ``layer`` is an activation layer TFLite fuses into the op before it (ReLU,
     ReLU6, identity)."""
-    return isinstance(layer, (keras.layers.Activation, keras.layers.ReLU)) and \
+    layers = _keras_of(layer).layers
+    return isinstance(layer, (layers.Activation, layers.ReLU)) and \
         activation_name(layer) in FUSED_ACTIVATIONS
 
 
@@ -138,20 +222,30 @@ def _why_not(layer, bn) -> Optional[str]:
     if not _is_foldable_type(layer):
         return (f"it follows {type(layer).__name__} '{layer.name}', which is not a Dense, Conv "
                 "or DepthwiseConv2D layer")
-    if layer.activation not in (keras.activations.linear, None):
+    k = _keras_of(layer)
+    if layer.activation not in (k.activations.linear, None):
         return (f"'{layer.name}' applies its activation "
-                f"'{keras.activations.serialize(layer.activation)}' before the BatchNorm")
-    if len(getattr(layer, "_inbound_nodes", []) or []) > 1:
+                f"'{k.activations.serialize(layer.activation)}' before the BatchNorm")
+    if _calls(layer) > 1:
         return f"'{layer.name}' is called more than once (shared weights)"
     if len(consumers(layer)) != 1:
         return f"the output of '{layer.name}' also feeds other layers"
-    if len(getattr(bn, "_inbound_nodes", []) or []) > 1:
+    if _calls(bn) > 1:
         return "the BatchNorm is called more than once"
-    rank = len(layer.output_shape) if hasattr(layer, "output_shape") else None
-    axes = [a % rank for a in bn.axis] if rank else list(bn.axis)
+    rank = _output_rank(layer)
+    bn_axes = list(bn.axis) if isinstance(bn.axis, (list, tuple)) else [int(bn.axis)]
+    axes = [a % rank for a in bn_axes] if rank else bn_axes
     if rank is None or axes != [rank - 1]:
-        return f"it normalizes axis {list(bn.axis)}, not the channel axis of '{layer.name}'"
+        return f"it normalizes axis {bn_axes}, not the channel axis of '{layer.name}'"
     return None
+
+
+def _output_rank(layer) -> Optional[int]:
+    """The rank of ``layer``'s output in its model graph (``None`` if unknown)."""
+    if not is_keras3(layer):
+        return len(layer.output_shape) if hasattr(layer, "output_shape") else None
+    nodes = _live_nodes(layer)
+    return len(nodes[-1].outputs[0].shape) if nodes and nodes[-1].outputs else None
 
 
 def following_batchnorm(layer) -> Optional[keras.layers.BatchNormalization]:
@@ -163,7 +257,7 @@ def following_batchnorm(layer) -> Optional[keras.layers.BatchNormalization]:
     subclassed model have no graph, so nothing folds there.
     """
     after = consumers(layer)
-    if len(after) != 1 or not isinstance(after[0], keras.layers.BatchNormalization):
+    if len(after) != 1 or not isinstance(after[0], _keras_of(layer).layers.BatchNormalization):
         return None
     bn = after[0]
     return bn if _why_not(layer, bn) is None else None
@@ -173,7 +267,8 @@ def batchnorm_for_kernel(layer, kernel) -> Optional[keras.layers.BatchNormalizat
     """The BatchNorm that folds into ``kernel``: :func:`following_batchnorm` of ``layer`` when
     ``kernel`` is that layer's main kernel (``kernel`` / ``depthwise_kernel``), else ``None``
     (a bias, a wrapper's weight, another layer's kernel)."""
-    if layer is None or isinstance(layer, keras.layers.Wrapper) or not _is_foldable_type(layer):
+    if layer is None or isinstance(layer, _keras_of(layer).layers.Wrapper) or \
+            not _is_foldable_type(layer):
         return None
     if _kernel_of(layer) is not kernel:
         return None
@@ -200,7 +295,7 @@ def batchnorm_shift(bn) -> tf.Tensor:
 
 def _per_channel_shape(layer, kernel_rank: int, channels: int) -> List[int]:
     """How a per-output-channel vector broadcasts onto ``layer``'s kernel."""
-    if isinstance(layer, keras.layers.DepthwiseConv2D):
+    if _is_depthwise(layer):
         shape = [1] * kernel_rank
         shape[-1] = int(layer.depth_multiplier)
         shape[-2] = channels // int(layer.depth_multiplier)
