@@ -179,25 +179,32 @@ print("RESULT" + json.dumps(out))
     assert out["reloaded"] == ["MSQE", "LInf"]
 
 
-def test_learnable_regularizer_in_a_keras3_layer_is_refused_stateless_one_works():
-    code = """
-import tfqreg
-import keras as keras3
-layer = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.Margin())
+@pytest.mark.parametrize("first", ["tfqreg", "keras"])
+def test_learnable_regularizer_in_a_keras3_layer_gets_keras3_state(first):
+    """Whichever is imported first, a learnable tfqreg regularizer in a Keras 3 layer creates its
+    parameter as a Keras 3 weight of the layer (was: a TypeError), and a stateless one gives the
+    closed-form penalty."""
+    imports = "import tfqreg\nimport keras as keras3\n" if first == "tfqreg" else \
+        "import keras as keras3\nimport tfqreg\n"
+    code = imports + """
+import numpy as np
+layer = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.Margin(normalize="none"))
 layer.build((None, 3))
-try:
-    layer.losses
-    print("NO ERROR")
-except TypeError as e:
-    print("TypeError:", e)
+m = [w for w in layer.weights if w.name == "kernel_margin"][0]
+k = np.abs(layer.kernel.numpy())
+print("MARGIN", type(m).__module__.split(".")[0], float(m.numpy()), float(k.max()),
+      float(layer.losses[0]), 0.01 * float(m.numpy()))
 plain = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.LInf(normalize="none"))
 plain.build((None, 3))
-import numpy as np
 print("LINF", float(plain.losses[0]), 0.01 * float(np.abs(plain.kernel.numpy()).max()))
 """
     out = run(code)
-    assert "TypeError: Margin is a Keras 2 (tf_keras) regularizer with learnable" in out.stdout, \
-        out.stdout + out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = next(l for l in out.stdout.splitlines() if l.startswith("MARGIN")).split()
+    assert line[1] == "keras"
+    margin, kmax, loss, expected = map(float, line[2:])
+    assert margin == pytest.approx(kmax, rel=1e-6)  # M starts at max|w|: no relu term
+    assert loss == pytest.approx(expected, rel=1e-5)
     line = next(l for l in out.stdout.splitlines() if l.startswith("LINF"))
     got, expected = map(float, line.split()[1:])
     assert abs(got - expected) < 1e-6 * max(1.0, expected)

@@ -1,8 +1,10 @@
 """Keras weight regularizers for quantization-ready training (methods.md §1-3).
 
-Use any of them as ``kernel_regularizer=`` of a Keras 2 layer: plain ``Dense``/``Conv2D``, larq's
-``QuantDense``/``QuantConv2D``, and layers that TFMOT wraps with ``quantize_apply``. Each is
-registered under the package ``tfqreg`` and has a short string alias:
+Use any of them as ``kernel_regularizer=`` of a Keras 2 layer (plain ``Dense``/``Conv2D``, larq's
+``QuantDense``/``QuantConv2D``, and layers that TFMOT wraps with ``quantize_apply``) or of a
+Keras 3 layer (TensorFlow backend): the same classes, the same aliases, the same learnable state
+and BatchNorm folding (see "Keras 3" below). Each is registered under the package ``tfqreg``
+with both Kerases and has a short string alias:
 
 - ``"foothill"``: ``Foothill(l=1e-4, alpha=1, beta=2, center=0)``, ``l·Σ f(|w| − c)``,
   ``f(x) = α·x·tanh(βx/2)``
@@ -26,6 +28,13 @@ folded, see below)
 >>> layer.build((None, 3))
 >>> [w.name for w in layer.weights]
 ['kernel:0', 'kernel_margin:0', 'bias:0']
+>>> import keras as keras3                      # Keras 3: the same alias, the same class
+>>> layer3 = keras3.layers.Dense(4, kernel_regularizer="margin")
+>>> layer3.build((None, 3))
+>>> type(layer3.kernel_regularizer) is type(layer.kernel_regularizer)
+True
+>>> [w.name for w in layer3.weights]
+['kernel', 'bias', 'kernel_margin']
 
 What ``l`` means. A range regularizer's job is the ratio that per-tensor quantization suffers
 from: the grid step is ``max|w|/(2^(b−1) − 1)`` and the signal is the weights' spread, so the
@@ -63,25 +72,28 @@ weights a pull comparable to weight decay 1e-4 needs ``l ≈ 1e-4·N``.
 Learnable parameters (``Margin``'s M, ``SoftMinMax``'s hardness a, ``MSQE(trainable_step=True)``'s
 step δ) are Keras state. A Keras regularizer only ever receives the weight tensor, so tfqreg
 creates the parameters when the layer creates the regularized weight: importing tfqreg wraps
-``Layer.add_weight`` (once, for every Keras 2 layer) so that, right after a weight with a tfqreg
-regularizer is created, the regularizer's ``_attach(layer, weight)`` creates its parameters with
-``layer.add_weight`` on that same layer, named ``<weight>_margin``, ``<weight>_hardness`` or
-``<weight>_step`` (e.g. ``dense/kernel_margin:0``), initialised from the weight's initial value
-(M = max|w|, a = 10/max|w|, δ = the default grid step). They are ordinary trainable weights of the
-layer: listed in ``layer.weights``/``model.trainable_weights`` right after the kernel, trained by
-``model.fit`` through the regularization loss, saved and restored by ``.keras``, ``.h5``,
-SavedModel and ``tf.train.Checkpoint`` like the kernel (the reloaded layer rebuilds them from the
-regularizer's config and then loads their values), mirrored under ``tf.distribute`` strategies,
-and inside TFMOT's ``QuantizeWrapperV2`` they belong to the wrapped layer. Nothing else changes
-for layers without tfqreg regularizers. One visible consequence: such a layer has one more weight
-(``layer.get_weights()`` is ``[kernel, kernel_margin, bias]``, so code that unpacks
-``kernel, bias = layer.get_weights()`` must use ``layer.kernel``/``layer.bias``), and parameter
-counts (``model.summary()``, larq's summary) include these training-only scalars; they are unused
-by the forward pass, so TFLite conversion drops them. The regularizer object keeps a weak reference from each
-weight it was attached to to that weight's parameters, so one instance may be shared by several
-layers (each weight still gets its own M). Called on a tensor it was never attached to (e.g. a
-constant in a test), a learnable regularizer evaluates with its parameters at their initial
-values and logs a warning once.
+``Layer.add_weight`` (once, for every layer of each Keras; :mod:`tfqreg._attach`) so that, right
+after a weight with a tfqreg regularizer is created, the regularizer's ``_attach(layer, weight)``
+creates its parameters, named ``<weight>_margin``, ``<weight>_hardness`` or ``<weight>_step``,
+initialised from the weight's initial value (M = max|w|, a = 10/max|w|, δ = the default grid
+step). In Keras 2 they are weights of the layer itself (``dense/kernel_margin:0``, listed right
+after the kernel); in Keras 3, weights of a small state layer the layer tracks (its
+``layer.weights`` is ``[kernel, bias, kernel_margin]``), because Keras 3 layers save only the
+weights they know by name. Either way they are ordinary trainable weights of the layer: listed in
+``layer.weights``/``model.trainable_weights``, trained by ``model.fit`` through the
+regularization loss, saved and restored by ``.keras`` (and ``.h5``, SavedModel and
+``tf.train.Checkpoint`` in Keras 2, ``.weights.h5`` in Keras 3) like the kernel (the reloaded
+layer rebuilds them from the regularizer's config and then loads their values), mirrored under
+``tf.distribute`` strategies, and inside TFMOT's ``QuantizeWrapperV2`` they belong to the wrapped
+layer. Nothing else changes for layers without tfqreg regularizers. One visible consequence: such
+a layer has one more weight (``layer.get_weights()`` is ``[kernel, kernel_margin, bias]`` in
+Keras 2, so code that unpacks ``kernel, bias = layer.get_weights()`` must use
+``layer.kernel``/``layer.bias``), and parameter counts (``model.summary()``, larq's summary)
+include these training-only scalars; they are unused by the forward pass, so TFLite conversion
+drops them. The regularizer object keeps a weak reference from each weight it was attached to to
+that weight's parameters, so one instance may be shared by several layers (each weight still gets
+its own M). Called on a tensor it was never attached to (e.g. a constant in a test), a learnable
+regularizer evaluates with its parameters at their initial values and logs a warning once.
 
 BatchNorm. When a BatchNormalization folds into the layer (``Conv/Dense/DepthwiseConv2D`` with a
 linear activation → BatchNorm, see :mod:`tfqreg.fold`), the device quantizes the folded kernel
@@ -92,7 +104,7 @@ the plain ``kernel_regularizer=LInf()`` usage: the regularizer looks up, through
 graph, whether a BatchNorm folds into its layer, and uses that BatchNorm's γ and MOVING variance
 (what the converter folds; a Keras regularizer sees only the weight, never the batch, and the
 moving statistics are the ones the device gets). The gradient reaches ``w`` and ``γ``; σ² is a
-statistic and gets none. The lookup needs a Sequential or Functional model (a subclassed model
+statistic and gets none. The lookup needs a Sequential or Functional model, of either Keras (a subclassed model
 has no layer graph: there the raw kernel is penalised); ``fold_batchnorm=False`` penalises the
 raw kernel everywhere. ``Foothill`` and ``PartialL2`` act on the raw weights (shrinkage and
 pruning, not a quantization range).
@@ -101,6 +113,17 @@ Numerics: weights of any float dtype are accumulated in float32 (float64 stays f
 and gradients are finite for finite weights of any magnitude: squares are summed as
 ``(sqrt(Σ(|x|/m)²)·m)²`` with ``m = max|x|``, and a value or gradient whose true size exceeds the
 largest float of the compute dtype saturates at that value (sign kept) instead of becoming inf.
+Keras 3 (TensorFlow backend). ``keras.layers.Dense(..., kernel_regularizer="linf")`` and every
+class above work in Keras 3 layers after ``import tfqreg`` (in any import order): the aliases
+resolve through ``keras.regularizers.get``; ``model.save("m.keras")`` and
+``keras.models.load_model("m.keras")`` need no ``custom_objects`` (Keras 3's deserializer imports
+a saved class's module only for Keras' own packages, so tfqreg registers its classes with Keras 3
+too); learnable state and BatchNorm folding behave as above (a Keras 3 Sequential model rebuilds
+its graph for every added layer, e.g. when loaded; the fold lookup uses each layer's live call in
+the current graph). Not supported: other Keras 3 backends (JAX, PyTorch), where the penalty would
+need the stateless variable values Keras passes there. Learnable regularizers in a Keras 3 layer
+need the TensorFlow backend's stateful training loop (``fit``, or a ``tf.GradientTape`` loop).
+
 The functional cores (``foothill_penalty``, ``linf_penalty``, ``margin_penalty``,
 ``soft_min_max_penalty``, ``msqe_penalty``, ``partial_l2_penalty``, and ``scale_normalized``) live
 in :mod:`tfqreg.penalties` and are re-exported here; they take tensors and return the unweighted
@@ -109,15 +132,14 @@ penalty ``R``; the classes multiply by ``l``.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import math
 import numbers
-import weakref
 from typing import Dict, Optional, Sequence
 
 import numpy as np
 
+from tfqreg import _attach
 from tfqreg import fold as _fold
 from tfqreg import grid
 from tfqreg._keras import keras, register, tf
@@ -221,57 +243,14 @@ _MAX_ARG = 1e6
 # Attaching learnable state to the layer that owns the regularized weight
 # --------------------------------------------------------------------------------------------
 
-class _Attachment:
-    """What a regularizer knows about one weight it regularizes."""
-
-    __slots__ = ("_variable", "_layer", "state", "channel_axes")
-
-    def __init__(self, variable, state: Dict[str, tf.Variable], channel_axes, layer=None):
-        self._variable = _weak(variable)
-        self._layer = _weak(layer) if layer is not None else (lambda: None)
-        self.state = state
-        self.channel_axes = channel_axes
-
-    @property
-    def variable(self):
-        return self._variable()
-
-    @property
-    def layer(self):
-        return self._layer()
-
-    def folded(self, w: tf.Tensor) -> tf.Tensor:
-        """``w`` as the device quantizes it: ``w·γ/√(σ²+ε)`` when a BatchNorm folds into the
-        layer whose kernel this is (:mod:`tfqreg.fold`), else ``w``."""
-        layer, variable = self.layer, self.variable
-        bn = None if variable is None else _fold.batchnorm_for_kernel(layer, variable)
-        if bn is None:
-            return w
-        return tf.cast(_fold.fold_kernel(layer, w, _fold.batchnorm_scale(bn)), w.dtype)
-
-
-def _weak(obj):
-    try:
-        return weakref.ref(obj)
-    except TypeError:  # pragma: no cover - every TF variable / layer supports weakrefs today
-        return lambda o=obj: o
-
-
-def _weight_base_name(variable) -> str:
-    name = getattr(variable, "name", None) or "weight"
-    name = name.split(":")[0].rsplit("/", 1)[-1]
-    return name or "weight"
-
-
-def _initial_tensor(variable) -> tf.Tensor:
-    """The freshly created weight's value: read eagerly, or, in a TF1-style graph, its
-    initializer tensor (Keras runs all initializers in one ``session.run``, so the random
-    initial kernel and the parameter derived from it are drawn from the same sample)."""
-    with tf.init_scope():
-        if tf.executing_eagerly():
-            return tf.convert_to_tensor(variable)
-        initial_value = getattr(variable, "initial_value", None)
-        return initial_value if initial_value is not None else tf.convert_to_tensor(variable)
+def _folded(record: _attach.Attachment, w: tf.Tensor) -> tf.Tensor:
+    """``w`` as the device quantizes it: ``w·γ/√(σ²+ε)`` when a BatchNorm folds into the layer
+    whose kernel ``record`` is (:mod:`tfqreg.fold`, Keras 2 or 3), else ``w``."""
+    layer, variable = record.layer, record.variable
+    bn = None if variable is None else _fold.batchnorm_for_kernel(layer, variable)
+    if bn is None:
+        return w
+    return tf.cast(_fold.fold_kernel(layer, w, _fold.batchnorm_scale(bn)), w.dtype)
 
 
 class _TensorRegularizer(keras.regularizers.Regularizer):
@@ -313,13 +292,6 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
         record = self._find(x)
         w = _to_compute(x)
         if record is None:
-            if self._state_suffixes and type(x).__module__.split(".")[0] == "keras":
-                raise TypeError(
-                    f"{type(self).__name__} is a Keras 2 (tf_keras) regularizer with learnable "
-                    "parameters, and this is a Keras 3 layer's variable: Keras 3 layers cannot "
-                    "create or train its parameters. Build the model with tfqreg's Keras "
-                    "(`from tfqreg._keras import keras`), or use a stateless tfqreg regularizer "
-                    "(LInf, Foothill, PartialL2, MSQE without trainable_step).")
             state, axes = self._detached_state(self._normalized(w)), None
             if self._state_suffixes and not self._warned_detached:
                 self._warned_detached = True
@@ -330,7 +302,7 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
         else:
             state, axes = record.state, record.channel_axes
             if getattr(self, "fold_batchnorm", False):
-                w = record.folded(w)
+                w = _folded(record, w)
         if w.shape.num_elements() == 0:
             return tf.zeros([], w.dtype)  # nothing to regularize
         value = _saturate(self.l * self._penalty(self._normalized(w), state, axes))
@@ -353,7 +325,7 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
         return f"{type(self).__name__}({args})"
 
     # -- state ---------------------------------------------------------------------------
-    def _find(self, x) -> Optional[_Attachment]:
+    def _find(self, x) -> Optional[_attach.Attachment]:
         for record in self._attachments:
             if record.variable is x:
                 return record
@@ -365,29 +337,18 @@ class _TensorRegularizer(keras.regularizers.Regularizer):
         needs_layer = self._needs_layer_info or getattr(self, "fold_batchnorm", False)
         if not (self._state_suffixes or needs_layer) or self._find(variable):
             return
-        axes = grid.channel_axes_for(layer)
+        axes = _fold.channel_axes(layer)
         state = {}
         if self._state_suffixes:
-            base = _weight_base_name(variable)
+            base = _attach.weight_base_name(variable)
             dtype = _compute_dtype(variable.dtype)
             initial = self._initial_state(
-                self._normalized(_to_compute(_initial_tensor(variable))), axes)
+                self._normalized(_to_compute(_attach.initial_tensor(variable))), axes)
             for suffix in self._state_suffixes:
-                value = tf.cast(initial[suffix], dtype)
-
-                def init(shape, dtype=None, _value=value, **_):
-                    return tf.cast(tf.reshape(_value, shape), dtype or _value.dtype)
-
-                state[suffix] = layer.add_weight(
-                    name=f"{base}_{suffix}",
-                    shape=value.shape,
-                    dtype=dtype,
-                    initializer=init,
-                    trainable=True,
-                    constraint=self._constraint(suffix),
-                    autocast=False,
-                )
-        self._attachments.append(_Attachment(variable, state, axes, layer))
+                state[suffix] = _attach.add_state_weight(
+                    layer, variable, f"{base}_{suffix}", tf.cast(initial[suffix], dtype),
+                    constraint=self._constraint(suffix))
+        self._attachments.append(_attach.Attachment(variable, state, axes, layer))
 
     def state(self, variable) -> Dict[str, tf.Variable]:
         """The learnable parameters created for ``variable`` (``{}`` if none / not attached)."""
@@ -688,78 +649,7 @@ ALIASES = {
 
 
 # --------------------------------------------------------------------------------------------
-# Hooks into Keras (run once at import)
+# Hooks into both Kerases (run once at import): add_weight and the string aliases
 # --------------------------------------------------------------------------------------------
 
-def _install_aliases() -> None:
-    # ``keras.regularizers.get("l2")`` resolves names in the namespace of Keras' regularizers
-    # module (both the current and the legacy deserializer instantiate a class found there).
-    # Adding the aliases there gives a fresh instance per lookup, also when a saved model is
-    # reloaded, and keeps the regularizer "foothill" apart from the loss "foothill".
-    # The class names go there too: the legacy deserializer (``.h5`` files, SavedModel revival)
-    # looks a serialized regularizer up by its bare ``class_name`` ("Margin"), not by the
-    # registered name "tfqreg>Margin".
-    namespace = keras.regularizers.get.__globals__
-    for alias, cls in ALIASES.items():
-        namespace.setdefault(alias, cls)
-        namespace.setdefault(cls.__name__, cls)
-
-
-def _hooked_layer_classes() -> list:
-    """``keras.layers.Layer`` and the TF1-graph-mode base class that tf_keras swaps in for layers
-    built inside ``tf.Graph().as_default()`` (``base_layer_v1.Layer``, which overrides
-    ``add_weight``)."""
-    classes = [keras.layers.Layer]
-    try:  # tf_keras picks the class in LayerVersionSelector.__new__ (module loaded lazily)
-        for base in keras.layers.Layer.__mro__:
-            if base.__name__ == "LayerVersionSelector":
-                v1 = base.__new__.__globals__["base_layer_v1"].Layer
-                if v1 is not keras.layers.Layer and "add_weight" in vars(v1):
-                    classes.append(v1)
-    except Exception:  # pragma: no cover - other tf_keras layouts: TF2 layers still hooked
-        pass
-    return classes
-
-
-def _install_add_weight_hook(layer_cls) -> None:
-    """Wrap ``layer_cls.add_weight``: after a weight with a tfqreg regularizer is created, call
-    ``regularizer._attach(layer, weight)``, which creates the learnable parameters on the layer.
-    String/dict regularizers are resolved first so the layer and the hook see one instance."""
-    original = vars(layer_cls)["add_weight"]
-    if getattr(original, "_tfqreg_hook", False):
-        return
-    signature = inspect.signature(original)
-
-    def add_weight(self, *args, **kwargs):
-        regularizer = kwargs.get("regularizer")
-        if regularizer is None and "regularizer" not in kwargs and len(args) > 4:
-            try:
-                regularizer = signature.bind(self, *args, **kwargs).arguments.get("regularizer")
-            except TypeError:
-                regularizer = None
-        if regularizer is None:
-            return original(self, *args, **kwargs)
-        if isinstance(regularizer, (str, dict)):
-            resolved = keras.regularizers.get(regularizer)
-            if isinstance(resolved, _TensorRegularizer):
-                bound = signature.bind(self, *args, **kwargs)
-                bound.arguments["regularizer"] = resolved
-                args, kwargs = bound.args[1:], bound.kwargs
-                regularizer = resolved
-        variable = original(self, *args, **kwargs)
-        if isinstance(regularizer, _TensorRegularizer):
-            regularizer._attach(self, variable)
-        return variable
-
-    add_weight.__doc__ = original.__doc__
-    add_weight.__name__ = original.__name__
-    add_weight.__qualname__ = original.__qualname__
-    add_weight.__wrapped__ = original
-    add_weight._tfqreg_hook = True
-    layer_cls.add_weight = add_weight
-
-
-_install_aliases()
-for _cls in _hooked_layer_classes():
-    _install_add_weight_hook(_cls)
-del _cls
+_attach.install_hooks(_TensorRegularizer, ALIASES)
