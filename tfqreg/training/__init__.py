@@ -22,6 +22,19 @@ so users keep calling ``compile`` / ``fit`` / ``evaluate`` / ``save``::
 After ``fit``, :func:`round_to_grid` snaps the kernels to the learned grid, and ``model.inner`` is
 the plain model to export.
 
+Keras 3
+-------
+A Keras 3 model (``import keras``, TensorFlow backend) is wrapped the same way:
+``TrainingModel(keras3_model, terms=[...])`` returns a Keras 3 ``keras.Model`` (the class is
+picked from ``inner``; :func:`is_training_model` recognises both) with the same step, logs,
+late start, ``every=k``, ``tf.distribute`` behaviour and :func:`round_to_grid`. The terms are
+the same objects and the same math (one implementation); on a Keras 3 model their α and log δ
+are Keras 3 variables (``model.weights`` lists them, the Keras 3 optimizer trains them,
+``.keras`` saves them), and ``compile`` needs a Keras 3 optimizer. Differences: Keras 3 casts
+the compiled loss to floatx, so in a float64 model the terms are added in float32; a Keras 3
+``inner`` must be built (an ``Input``) before it is wrapped; TFMOT and larq models are Keras 2
+only.
+
 The terms
 ---------
 * :class:`GradientL1` (Alizadeh et al., ICLR 2020): ``λ_w Σ_l ‖∇_{W_l} L‖₁ + λ_a Σ_l ‖∇_{a_l} L‖₁``
@@ -82,13 +95,14 @@ from tfqreg.training._capture import register_fake_quant_second_order
 from tfqreg.training._common import kernel_layers
 from tfqreg.training.gradient_l1 import GradientL1
 from tfqreg.training.learnable import LearnableMSQE, LearnablePartialL2, round_to_grid
-from tfqreg.training.model import TrainingModel, get, serialize
+from tfqreg.training.model import TrainingModel, get, is_training_model, serialize
 
 __all__ = [
     "GradientL1",
     "LearnableMSQE",
     "LearnablePartialL2",
     "TrainingModel",
+    "is_training_model",
     "round_to_grid",
     "kernel_layers",
     "get",

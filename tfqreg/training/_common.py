@@ -1,5 +1,11 @@
 """What the training terms share: argument checks, finding the kernels a term acts on (and
-the BatchNorm folded into them), and the base class of the terms."""
+the BatchNorm folded into them), and the base class of the terms.
+
+Keras 2 and Keras 3 models (TensorFlow backend) go through the same functions: the layer
+types, wrappers and model checks below accept both (:func:`keras_of` says which Keras a model
+belongs to), and a term attached to a Keras 3 model keeps its learnable state in Keras 3
+variables (:meth:`_Term._add_state`), so the Keras 3 optimizer trains them and ``.keras`` saves
+them; the term's math never changes."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 from tfqreg import _checks, fold, grid
-from tfqreg._keras import check_keras2, keras, tf
+from tfqreg._keras import check_keras2, is_keras3, keras, keras3_module, tf
 
 REDUCTIONS = ("sum", "mean", "step")
 _MAX_STRENGTH = 1e6  # larger strengths overflow the penalty's gradient in float32
@@ -99,22 +105,61 @@ def _check(cls_name: str, **kwargs):
 # ---------------------------------------------------------------------------------------------
 
 
-def _kernel_layer_types():
-    L = keras.layers
-    return tuple(
-        getattr(L, n)
-        for n in ("Dense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D",
+_KERNEL_LAYERS = ("Dense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D",
                   "SeparableConv1D", "SeparableConv2D", "Conv1DTranspose", "Conv2DTranspose",
                   "Conv3DTranspose")
-        if hasattr(L, n)
-    )
+
+
+def _is_keras3(obj) -> bool:
+    """:func:`tfqreg._keras.is_keras3`, and also for instances of Keras 3 subclasses defined
+    outside the ``keras`` package (a user's ``class Net(keras.Model)``, the Keras 3
+    TrainingModel), which the module-based test misses."""
+    if is_keras3(obj):
+        return True
+    k3 = keras3_module()
+    return k3 is not None and isinstance(obj, (k3.layers.Layer, k3.Variable,
+                                               k3.optimizers.Optimizer, k3.metrics.Metric))
+
+
+def keras_of(obj):
+    """The Keras package ``obj`` belongs to: Keras 3 (``keras``) for a Keras 3 object, else
+    Keras 2 (``tf_keras``)."""
+    return keras3_module() if _is_keras3(obj) else keras
+
+
+def _layer_types(names: Sequence[str]) -> tuple:
+    """The classes called ``names`` in Keras 2 and, when installed, Keras 3."""
+    modules = [keras] + [m for m in (keras3_module(),) if m is not None]
+    return tuple(getattr(m.layers, n) for m in modules for n in names if hasattr(m.layers, n))
+
+
+def _kernel_layer_types():
+    return _layer_types(_KERNEL_LAYERS)
+
+
+def _wrapper_types() -> tuple:
+    return _layer_types(("Wrapper",))
 
 
 def _unwrap(layer):
     """The layer a (TFMOT / Keras) wrapper wraps, recursively; the layer itself otherwise."""
-    while isinstance(layer, keras.layers.Wrapper) and hasattr(layer, "layer"):
+    wrappers = _wrapper_types()
+    while isinstance(layer, wrappers) and hasattr(layer, "layer"):
         layer = layer.layer
     return layer
+
+
+def check_model(model, name: str = "model", kind: str = "Layer"):
+    """``model`` if it is a Keras 2 or a Keras 3 ``kind`` (``"Layer"`` or ``"Model"``), else a
+    TypeError naming ``name``."""
+    if _is_keras3(model):
+        k3 = keras3_module()
+        cls = k3.Model if kind == "Model" else k3.layers.Layer
+        if not isinstance(model, cls):
+            raise TypeError(f"`{name}` must be a keras.{'Model' if kind == 'Model' else 'Layer'}"
+                            f", got {type(model).__module__}.{type(model).__name__}.")
+        return model
+    return check_keras2(model, name, kind=keras.Model if kind == "Model" else None)
 
 
 def _short_name(variable) -> str:
@@ -128,10 +173,11 @@ def _walk_layers(model) -> List:
         layers = list(model._flatten_layers(include_self=False, recursive=True))
     except AttributeError:  # pragma: no cover - every Keras 2 layer has it
         layers = list(getattr(model, "layers", []))
+    wrappers = _wrapper_types()
     for layer in layers:
-        if isinstance(layer, keras.layers.Wrapper):
+        if isinstance(layer, wrappers):
             inner = layer
-            while isinstance(inner, keras.layers.Wrapper) and hasattr(inner, "layer"):
+            while isinstance(inner, wrappers) and hasattr(inner, "layer"):
                 inner = inner.layer
                 covered.add(id(inner))
     for layer in layers:
@@ -151,7 +197,31 @@ def _fold_scale(layer, kernel):
     """``(layer, BatchNorm)`` when ``kernel`` is the main kernel of a plain layer that a
     BatchNorm folds into (:mod:`tfqreg.fold`), else ``None``."""
     bn = fold.batchnorm_for_kernel(layer, kernel)
+    if bn is None and _is_keras3(layer):
+        _refuse_unknown_keras3_fold(layer)
     return None if bn is None else (layer, bn)
+
+
+def _refuse_unknown_keras3_fold(layer) -> None:
+    """A Keras 3 layer with a linear activation whose only consumer is a BatchNormalization
+    is folded by the converter; when :func:`tfqreg.fold.batchnorm_for_kernel` did not report
+    that BatchNorm (it does not read Keras 3 layer graphs yet), the term would measure the
+    unfolded kernel: refuse instead of measuring the wrong tensor. (When ``fold`` reads Keras 3
+    graphs, ``fold.consumers`` lists the BatchNorm and fold's answer is used as it is.)"""
+    if fold.consumers(layer):
+        return  # fold reads this layer's graph: its answer (no fold) stands
+    k3 = keras3_module()
+    consumers = [getattr(n, "operation", None) for n in getattr(layer, "_outbound_nodes", [])]
+    activation = getattr(layer, "activation", None)
+    linear = activation is None or k3.activations.serialize(activation) in ("linear", None)
+    if (len(consumers) == 1 and isinstance(consumers[0], k3.layers.BatchNormalization)
+            and linear):
+        raise ValueError(
+            f"Keras 3 layer '{layer.name}' is followed by BatchNormalization "
+            f"'{consumers[0].name}', which the TFLite converter folds into its kernel, but "
+            "tfqreg.fold does not find BatchNorm folds in Keras 3 models in this version, so the "
+            "term would act on the unfolded kernel. Exclude the layer (`layers=`), or use a "
+            "Keras 2 (tf_keras) model.")
 
 
 def _folded(info, kernel) -> tf.Tensor:
@@ -180,7 +250,7 @@ def kernel_layers(model, layers: Optional[Sequence[str]] = None, owner: str = "t
     """The layers whose kernels a term regularizes, as ``[(layer, [kernel variables])]``.
 
     Args:
-        model: a built Keras 2 model.
+        model: a built Keras 2 or Keras 3 model.
         layers: layer names (the wrapper's or the wrapped layer's name for TFMOT models);
             ``None`` for every Dense / Conv / Depthwise / Separable layer with a trainable kernel.
         owner: used in error messages.
@@ -188,7 +258,7 @@ def kernel_layers(model, layers: Optional[Sequence[str]] = None, owner: str = "t
     Raises:
         ValueError: a name is not in the model, or the named layer has no trainable kernel.
     """
-    check_keras2(model, "model")
+    check_model(model, "model")
     types = _kernel_layer_types()
     all_layers = _walk_layers(model)
     if layers is None:
@@ -240,6 +310,7 @@ class _Term(keras.layers.Layer):
     def __init__(self, name=None, **kwargs):
         super().__init__(name=name, **kwargs)
         self._model = None
+        self._state = None  # Keras 3 models: the Keras 3 layer that owns the term's variables
 
     @property
     def model(self):
@@ -252,14 +323,47 @@ class _Term(keras.layers.Layer):
 
     def attach(self, model) -> None:
         """Resolve the layers of ``model`` this term acts on and create its variables."""
-        check_keras2(model, "model")
+        check_model(model, "model")
         if self._model is not None:
             if self._model is model:
                 return
             raise ValueError(f"{type(self).__name__} '{self.name}' is already attached to model "
                              f"'{self._model.name}'; create a new term for '{model.name}'.")
+        if _is_keras3(model):
+            # not tracked by this (Keras 2) layer: the Keras 3 TrainingModel tracks the state
+            object.__setattr__(self, "_state", _keras3_state_layer(self.name))
+            self._attach(model)
+            object.__setattr__(self, "_model", model)
+            return
         self._attach(model)
         self._model = model
+
+    @property
+    def state_layer(self):
+        """The Keras 3 layer holding this term's variables when it is attached to a Keras 3
+        model (tracked by the Keras 3 TrainingModel), else ``None``."""
+        return self._state
+
+    def _set(self, attr: str, value) -> None:
+        """``self.attr = value``; on a Keras 3 model without Keras 2 tracking (the variables and
+        layers of a Keras 3 model are not this Keras 2 layer's weights or sub-layers)."""
+        if self._state is None:
+            setattr(self, attr, value)
+        else:
+            object.__setattr__(self, attr, value)
+
+    def _add_state(self, name: str, shape, dtype, value, constraint=None):
+        """A trainable variable of the term, initialised to ``value``: a weight of this layer
+        (Keras 2), or of :attr:`state_layer` (Keras 3, so the Keras 3 optimizer trains it)."""
+        if self._state is None:
+            return self.add_weight(name=name, shape=shape, dtype=dtype, trainable=True,
+                                   initializer=keras.initializers.Constant(value),
+                                   constraint=constraint)
+        # Keras 3's Constant casts a Python float through floatx: give it the variable's dtype
+        value = np.asarray(value, dtype=np.dtype(tf.as_dtype(dtype).as_numpy_dtype))
+        return self._state.add_weight(name=name, shape=shape, dtype=dtype, trainable=True,
+                                      initializer=keras3_module().initializers.Constant(value),
+                                      constraint=constraint)
 
     def _attach(self, model):  # pragma: no cover - abstract
         raise NotImplementedError
@@ -267,3 +371,10 @@ class _Term(keras.layers.Layer):
     def call(self, inputs=None):  # terms are not layers of the data path
         return inputs
 
+
+
+def _keras3_state_layer(name: str):
+    """A Keras 3 layer that only owns variables (a term's α and log δ on a Keras 3 model)."""
+    layer = keras3_module().layers.Layer(name=name)
+    layer.built = True
+    return layer

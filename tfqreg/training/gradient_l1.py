@@ -46,10 +46,11 @@ from typing import List, Optional, Sequence
 import numpy as np
 
 from tfqreg import fold
-from tfqreg._keras import keras, register, tf
+from tfqreg._keras import register, tf
 from tfqreg.training._capture import _install_hook, _recording, register_fake_quant_second_order
-from tfqreg.training._common import (_KERNEL_NAMES, _check, _fold_scale, _layers_by_name,
-                                     _short_name, _Term, _unwrap, _walk_layers, kernel_layers)
+from tfqreg.training._common import (_KERNEL_NAMES, _check, _fold_scale, _is_keras3, _layer_types,
+                                     _layers_by_name, _short_name, _Term, _unwrap, _walk_layers,
+                                     keras_of, kernel_layers)
 
 __all__ = ["GradientL1"]
 
@@ -58,12 +59,12 @@ _FROZEN_NAMES = set(_KERNEL_NAMES) | {"bias", "embeddings", "gamma", "beta"}
 
 
 def _random_layer_types() -> tuple:
-    """Keras layers whose training-mode forward pass draws random numbers."""
-    L = keras.layers
-    names = ("Dropout", "GaussianNoise", "GaussianDropout", "AlphaDropout", "RandomFlip",
-             "RandomRotation", "RandomZoom", "RandomTranslation", "RandomContrast", "RandomCrop",
-             "RandomHeight", "RandomWidth", "RandomBrightness")
-    return tuple(getattr(L, n) for n in names if hasattr(L, n))
+    """Keras 2 and Keras 3 layers whose training-mode forward pass draws random numbers."""
+    return _layer_types((
+        "Dropout", "SpatialDropout1D", "SpatialDropout2D", "SpatialDropout3D", "GaussianNoise",
+        "GaussianDropout", "AlphaDropout", "RandomFlip", "RandomRotation", "RandomZoom",
+        "RandomTranslation", "RandomContrast", "RandomCrop", "RandomHeight", "RandomWidth",
+        "RandomBrightness"))
 
 
 def _assign(variables: Sequence, values: Sequence) -> None:
@@ -71,6 +72,8 @@ def _assign(variables: Sequence, values: Sequence) -> None:
     (a mirrored variable is updated on every device with that replica's value)."""
     if not variables:
         return
+    # a Keras 3 variable wraps a tf.Variable (a distributed one under a strategy): update that
+    variables = [v.value if _is_keras3(v) else v for v in variables]
     if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
         for v, x in zip(variables, values):
             v.assign(x)
@@ -181,14 +184,15 @@ class GradientL1(_Term):
     # -- attach ---------------------------------------------------------------------------------
     def _attach(self, model):
         found = kernel_layers(model, self.layer_names, owner="GradientL1")
-        self._kernels = [k for _, ks in found for k in ks]
-        self._kernel_folds = [_fold_scale(l, k) for l, ks in found for k in ks]
+        self._set("_kernels", [k for _, ks in found for k in ks])
+        self._set("_kernel_folds", [_fold_scale(l, k) for l, ks in found for k in ks])
         self._kernel_sizes = [int(np.prod(k.shape)) for k in self._kernels]
         if self.lambda_a > 0:
             if self.activation_names is None:
-                self._act_layers = [l for l, _ in found]
+                self._set("_act_layers", [l for l, _ in found])
             else:
-                self._act_layers = _layers_by_name(model, self.activation_names, "GradientL1")
+                self._set("_act_layers",
+                          _layers_by_name(model, self.activation_names, "GradientL1"))
             for layer in self._act_layers:
                 _install_hook(layer)
         elif self.activation_names is not None:
@@ -414,7 +418,7 @@ class GradientL1(_Term):
             ``penalty`` (``λ_w·norm_w + λ_a·norm_a``), computed exactly whatever ``method``.
         """
         self.attach(model)
-        loss_fn = keras.losses.get(loss)
+        loss_fn = keras_of(model).losses.get(loss)
 
         def forward():
             y_pred = model(x, training=training)

@@ -10,9 +10,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from tfqreg import _checks, grid
-from tfqreg._keras import check_keras2, keras, register, tf
-from tfqreg.training._common import (_check, _fold_scale, _folded, _short_name, _Term,
-                                     _unfolded, _unwrap, kernel_layers)
+from tfqreg._keras import register, tf
+from tfqreg.training._common import (_check, _fold_scale, _folded, _is_keras3, _short_name, _Term,
+                                     _unfolded, _unwrap, check_model, kernel_layers)
 
 __all__ = ["LearnableMSQE", "LearnablePartialL2", "round_to_grid"]
 
@@ -40,15 +40,14 @@ class _Learnable(_Term):
 
     def _attach_targets(self, model, owner):
         found = kernel_layers(model, self.layer_names, owner=owner)
-        self._targets = [(l, k, grid.channel_axes_for(_unwrap(l)))
-                         for l, ks in found for k in ks]
-        self._folds = [_fold_scale(l, k) for l, k, _ in self._targets]
+        self._set("_targets", [(l, k, grid.channel_axes_for(_unwrap(l)))
+                               for l, ks in found for k in ks])
+        self._set("_folds", [_fold_scale(l, k) for l, k, _ in self._targets])
         dtype = self._targets[0][1].dtype
         alpha_max = self.alpha_max
-        self.alpha = self.add_weight(
-            name=f"{self.name}_alpha", shape=(), dtype=dtype,
-            initializer=keras.initializers.Constant(self.alpha_init), trainable=True,
-            constraint=lambda a: tf.minimum(a, tf.cast(alpha_max, a.dtype)))
+        alpha = self._add_state(f"{self.name}_alpha", (), dtype, self.alpha_init,
+                                constraint=lambda a: tf.minimum(a, tf.cast(alpha_max, a.dtype)))
+        self._set("alpha", alpha)
 
     def coefficient(self) -> Tuple[tf.Tensor, tf.Tensor]:
         """``(α_capped, e^α)``."""
@@ -144,7 +143,16 @@ class LearnableMSQE(_Learnable):
 
     def _attach(self, model):
         self._attach_targets(model, "LearnableMSQE")
-        self._log_steps = []
+        if self.per_channel:
+            flat = [l.name for l, _, axes in self._targets if axes is None]
+            if flat:
+                raise ValueError(
+                    f"LearnableMSQE(per_channel=True): no output-channel axis is known for the "
+                    f"kernels of layers {flat} (tfqreg.grid.channel_axes_for), so a per-channel "
+                    "step cannot be learned faithfully; use per_channel=False or exclude them "
+                    "(`layers=`).")
+        log_steps = []
+        self._set("_log_steps", log_steps)
         if not self.learn_step:
             return
         used = set()
@@ -155,9 +163,8 @@ class LearnableMSQE(_Learnable):
             base = f"{_unwrap(layer).name}_{_short_name(kernel)}".replace("_kernel", "")
             base = base if base not in used else f"{base}_{len(used)}"
             used.add(base)
-            self._log_steps.append(self.add_weight(
-                name=f"{base}_log_step", shape=init.shape, dtype=kernel.dtype,
-                initializer=keras.initializers.Constant(init), trainable=True))
+            log_steps.append(self._add_state(f"{base}_log_step", init.shape, kernel.dtype, init))
+        self._set("_log_steps", log_steps)
 
     def steps(self) -> List[tf.Tensor]:
         """The current step δ of each target kernel (learned, or the default step)."""
@@ -245,8 +252,9 @@ class LearnablePartialL2(_Learnable):
         return p, {"partial_l2": p}
 
     def pruning_masks(self) -> Dict[str, np.ndarray]:
-        """``{kernel variable name: bool mask}`` of the weights to KEEP (|w| > θ)."""
-        return {k.name: (np.abs(k.numpy()) > float(t))
+        """``{kernel variable name: bool mask}`` of the weights to KEEP (|w| > θ); on a
+        Keras 3 model the key is the variable's path (``"conv1/kernel"``)."""
+        return {(k.path if _is_keras3(k) else k.name): (np.abs(np.asarray(k)) > float(t))
                 for (_, k, _), t in zip(self._targets, self.thresholds())}
 
 
@@ -278,8 +286,9 @@ def round_to_grid(model_or_term, bits: Optional[int] = None, per_channel: bool =
         return model_or_term.model
     from tfqreg.training.model import TrainingModel  # the model module imports this one
 
-    check_keras2(model_or_term, "model_or_term", kind=keras.Model)
-    if isinstance(model_or_term, TrainingModel):
+    check_model(model_or_term, "model_or_term", kind="Model")
+    if isinstance(model_or_term, TrainingModel) or getattr(model_or_term, "_tfqreg_training",
+                                                           False):
         msqe = [t for t in model_or_term.terms if isinstance(t, LearnableMSQE)]
         if not msqe:
             raise ValueError("round_to_grid: the TrainingModel has no LearnableMSQE term; pass "
