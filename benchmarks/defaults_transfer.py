@@ -21,7 +21,12 @@ per-tensor W3; Foothill (a shrinkage, not a range regularizer) costs ≤ 0.5 pt 
     python benchmarks/defaults_transfer.py --archs ds_cnn --rows plain "linf:l=0.01" --seeds 1
 
 A row is a regularizer name, optionally with constructor arguments (``"linf:l=0.01"``,
-``"soft_min_max:l=0.05,normalize=none"``), for exploring other strengths.
+``"soft_min_max:l=0.05,normalize=none"``), for exploring other strengths, or ``gradient_l1``
+(``training.GradientL1()`` at its defaults through ``training.TrainingModel``; judged like a
+range row). ``--add-to FILE`` runs the given rows and adds them beside the runs kept in FILE
+(same seeds, epochs and images, checked), e.g.
+
+    python benchmarks/defaults_transfer.py --rows gradient_l1 --add-to defaults_transfer.json
 
 BatchNorm statistics: after training, every model's BatchNorm moving mean/variance are set to
 the batch statistics of 2,048 training images under the final weights
@@ -56,7 +61,7 @@ import common  # noqa: F401  (sets up sys.path and Keras 2)
 from common import keras, mean_std, recalibrate_batchnorm, seed_all, write_json
 
 import tfqreg
-from tfqreg import models, ptq, regularizers
+from tfqreg import models, ptq, regularizers, training
 
 ARCHS = {"small_cnn": models.small_cnn, "ds_cnn": models.ds_cnn,
          "resnet_small": models.resnet_small, "mlp": models.mlp}
@@ -70,12 +75,7 @@ MAX_FP32_COST = 0.5  # pt
 RECALIBRATION = 2048
 
 
-def parse_row(spec: str):
-    """``"linf"`` or ``"linf:l=0.01,normalize=none"`` -> (name, regularizer or None)."""
-    name, _, args = spec.partition(":")
-    if name == "plain":
-        return spec, None
-    cls = regularizers.ALIASES[name]
+def _kwargs(args: str) -> dict:
     kwargs = {}
     for item in filter(None, args.split(",")):
         key, _, value = item.partition("=")
@@ -83,7 +83,28 @@ def parse_row(spec: str):
             kwargs[key] = float(value)
         except ValueError:
             kwargs[key] = {"true": True, "false": False}.get(value.lower(), value)
-    return spec, cls(**kwargs)
+    return kwargs
+
+
+def parse_row(spec: str):
+    """``"linf"`` or ``"linf:l=0.01,normalize=none"`` -> (name, regularizer or None);
+    ``"gradient_l1[:...]"`` (a training term, see :func:`parse_term`) -> (name, None)."""
+    name, _, args = spec.partition(":")
+    if name in ("plain", "gradient_l1"):
+        parse_term(spec)
+        return spec, None
+    cls = regularizers.ALIASES[name]
+    return spec, cls(**_kwargs(args))
+
+
+def parse_term(spec: str):
+    """``"gradient_l1"`` -> ``training.GradientL1()`` at its defaults (``"gradient_l1:every=4"``
+    passes arguments), trained through ``training.TrainingModel``; other rows -> ``None``."""
+    name, _, args = spec.partition(":")
+    if name != "gradient_l1":
+        return None
+    kwargs = {k: (int(v) if k == "every" else v) for k, v in _kwargs(args).items()}
+    return training.GradientL1(**kwargs)
 
 
 def evaluate(model, test) -> Dict[str, float]:
@@ -97,19 +118,25 @@ def evaluate(model, test) -> Dict[str, float]:
 def run_one(arch: str, spec: str, seed: int, train, test, epochs: int, quick: bool) -> dict:
     seed_all(seed)
     _, reg = parse_row(spec)
-    model = ARCHS[arch](kernel_regularizer=reg)
+    term = parse_term(spec)
+    model = inner = ARCHS[arch](kernel_regularizer=reg)
+    if term is not None:
+        model = training.TrainingModel(inner, terms=[term])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
     t0 = time.time()
     load0 = os.getloadavg()[0]
     model.fit(*train, batch_size=128, epochs=epochs, verbose=0)
     train_s = time.time() - t0
-    moving = model.evaluate(*test, batch_size=1024, verbose=0)[1]
-    recalibrated = recalibrate_batchnorm(model, train[0], batch=RECALIBRATION)
-    acc = evaluate(model, test)
+    if term is not None:  # evaluate the plain inner model, as the other rows are
+        inner.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    moving = inner.evaluate(*test, batch_size=1024, verbose=0)[1]
+    recalibrated = recalibrate_batchnorm(inner, train[0], batch=RECALIBRATION)
+    acc = evaluate(inner, test)
+    described = reg if term is None else term
     return {**acc, "fp32_trained_stats": moving, "batchnorms_recalibrated": recalibrated,
             "train_seconds": train_s, "loadavg_1min": (load0 + os.getloadavg()[0]) / 2,
-            "regularizer": None if reg is None else {"class": type(reg).__name__,
-                                                      **reg.get_config()}}
+            "regularizer": None if described is None else {"class": type(described).__name__,
+                                                            **described.get_config()}}
 
 
 def summarize(runs: Dict[str, Dict[str, List[dict]]]) -> Dict[str, Dict[str, dict]]:
@@ -137,7 +164,7 @@ def acceptance(summary) -> Dict[str, Dict[str, dict]]:
                 continue
             cost = base["fp32"]["mean"] - r["fp32"]["mean"]
             gain = r["W3pt"]["mean"] - base["W3pt"]["mean"]
-            is_range = spec.partition(":")[0] in RANGE_ROWS
+            is_range = spec.partition(":")[0] in RANGE_ROWS + ("gradient_l1",)
             ok = cost <= MAX_FP32_COST and (gain > 0 or not is_range)
             out[arch][spec] = {"fp32_cost_pt": cost, "w3pt_gain_pt": gain, "ok": bool(ok)}
     return out
@@ -241,6 +268,10 @@ def main(argv=None):
                    help="the first N training images (default 20,000 of 60,000)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="JSON path (default benchmarks/results/...)")
+    p.add_argument("--add-to", default=None,
+                   help="a results JSON (a name under benchmarks/results) whose runs are kept: "
+                        "the --rows are run and added beside them (same seeds and settings), "
+                        "the table recomputed, and the file rewritten (or --out)")
     p.add_argument("--gradients", action="store_true",
                    help="only the diagnostic: penalty vs task gradient per kernel "
                         "(writes defaults_transfer_gradients.json)")
@@ -266,7 +297,25 @@ def main(argv=None):
           f"{epochs} epochs, seeds {list(range(seeds))}", flush=True)
     runs: Dict[str, Dict[str, List[dict]]] = {a: {s: [] for s in args.rows} for a in args.archs}
     start, loads = time.time(), []
-    name = args.out or f"defaults_transfer{'_quick' if args.quick else ''}.json"
+    name = args.out or args.add_to or f"defaults_transfer{'_quick' if args.quick else ''}.json"
+    if args.add_to:
+        import json
+
+        with open(args.add_to if os.path.isabs(args.add_to)
+                  else os.path.join(common.RESULTS, args.add_to)) as f:
+            kept = json.load(f)
+        if (kept["epochs"], kept["train_images"], kept["seeds"]) != (epochs, n_train, seeds):
+            raise SystemExit(f"--add-to {args.add_to}: it has epochs {kept['epochs']}, "
+                             f"{kept['train_images']} images, {kept['seeds']} seeds; this run "
+                             f"{epochs}, {n_train}, {seeds}: the rows would not be comparable")
+        runs = {a: {**{s: rs for s, rs in rows.items() if s not in args.rows},
+                    **runs.get(a, {})}
+                for a, rows in kept["runs"].items()}
+        runs.update({a: rows for a, rows in
+                     {a: {s: [] for s in args.rows} for a in args.archs}.items()
+                     if a not in runs})
+        loads = [r["loadavg_1min"] for rows in runs.values() for rs in rows.values()
+                 for r in rs]
     for seed in range(seeds):
         for arch in args.archs:
             for spec in args.rows:
@@ -283,6 +332,7 @@ def main(argv=None):
                     "epochs": epochs, "train_images": len(train[0]), "test_images": len(xt),
                     "seeds": seeds,
                     "seeds_done": min(len(v) for rows in runs.values() for v in rows.values()),
+                    "added_rows": list(args.rows) if args.add_to else [],
                     "optimizer": "Adam 1e-3, batch 128",
                     "quantization": "tfqreg.ptq.sweep, BatchNorm folded, weights only "
                                     "(activations float); pt = per-tensor, pc = per-channel",

@@ -11,6 +11,7 @@ epoch, so the accuracy floors are set well below what they reach (50-65 %).
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -264,6 +265,25 @@ def test_benchmark_defaults_transfer_quick(data_dir):
                 res["summary"][arch][row]["fp32"]["mean"]
             assert acc["fp32_cost_pt"] == pytest.approx(cost)
     assert res["table"] in out and "tfqreg from" in out
+    # --add-to: a gradient-l1 row (TrainingModel, GradientL1 at its defaults) beside the kept runs
+    added = "defaults_transfer_quick_added.json"
+    shutil.copy(os.path.join(RESULTS, "defaults_transfer_quick.json"), os.path.join(RESULTS, added))
+    out, t0 = _run("benchmarks/defaults_transfer.py", data_dir, 600, "--archs", "mlp",
+                   "--rows", "gradient_l1", "--add-to", added)
+    with open(_fresh_file(os.path.join(RESULTS, added), t0)) as f:
+        merged = json.load(f)
+    assert merged["added_rows"] == ["gradient_l1"]
+    assert list(merged["runs"]["mlp"]) == rows + ["gradient_l1"]
+    assert list(merged["runs"]["ds_cnn"]) == rows  # kept as they were
+    assert merged["runs"]["ds_cnn"] == res["runs"]["ds_cnn"]
+    (g,) = merged["runs"]["mlp"]["gradient_l1"]
+    from tfqreg import training
+    drop = ("class", "name")
+    assert {k: v for k, v in g["regularizer"].items() if k not in drop} == \
+        {k: v for k, v in training.GradientL1().get_config().items() if k not in drop}
+    _acc_ok(g["fp32"])
+    cost = merged["summary"]["mlp"]["plain"]["fp32"]["mean"] - 100 * g["fp32"]
+    assert merged["acceptance"]["mlp"]["gradient_l1"]["fp32_cost_pt"] == pytest.approx(cost)
 
 
 def test_benchmark_bnn_quick(data_dir):
