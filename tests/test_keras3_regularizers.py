@@ -143,6 +143,25 @@ def test_batchnorm_fold_value_matches_numpy(K):
                                np.abs(raw.get_layer("conv").kernel.numpy()).max(), rtol=1e-6)
 
 
+def test_keras3_shared_layer_does_not_fold_a_rebuilt_sequential_does():
+    """A layer called twice in one Keras 3 graph: no fold (as in Keras 2). A Sequential built
+    by ``add`` (its graph rebuilt for every layer, the old nodes kept): the fold is found."""
+    inp = keras3.Input((4,))
+    dense = keras3.layers.Dense(4, use_bias=False,
+                                kernel_regularizer=R.LInf(1.0, normalize="none"))
+    bn = keras3.layers.BatchNormalization()
+    keras3.Model(inp, keras3.layers.Add()([bn(dense(inp)), dense(inp)]))
+    assert tfqreg.fold.following_batchnorm(dense) is None
+    assert "called more than once" in tfqreg.fold._why_not(dense, bn)
+    seq = keras3.Sequential([keras3.Input((4,))])
+    for layer in (keras3.layers.Dense(3, use_bias=False, name="d"),
+                  keras3.layers.BatchNormalization(name="bn"), keras3.layers.ReLU(),
+                  keras3.layers.Dense(2)):
+        seq.add(layer)
+    assert len(seq.get_layer("d")._inbound_nodes) > 1   # the stale nodes this is about
+    assert tfqreg.fold.following_batchnorm(seq.get_layer("d")) is seq.get_layer("bn")
+
+
 def test_keras3_subclassed_model_penalises_the_raw_kernel():
     class Sub(keras3.Model):
         def __init__(self):
@@ -215,6 +234,7 @@ def test_keras_round_trip_in_a_fresh_interpreter(tmp_path):
         model.save(path)
         if K is keras3:
             model.save_weights(str(tmp_path / "keras3.weights.h5"))
+            model.save(str(tmp_path / "keras3.h5"))   # Keras 3's legacy HDF5 format
         expected[name] = {
             "weights": {w.name.split(":")[0].split("/")[-1] + "@" + l.name: np.asarray(w).tolist()
                         for l in model.layers for w in l.weights},
@@ -239,7 +259,10 @@ for name, K in (("keras2", keras2), ("keras3", keras3)):
         "eval": float(m.evaluate(x, y, verbose=0)),
         "regularizers": [type(l.kernel_regularizer).__name__ for l in m.layers
                          if getattr(l, "kernel_regularizer", None) is not None],
-        "loss": type(m.loss).__name__}}
+        "loss": type(m.loss).__name__,
+        "fold": tfqreg.fold.following_batchnorm(m.get_layer("d")).name}}
+legacy = keras3.models.load_model({str(tmp_path / 'keras3.h5')!r})
+out["legacy_h5_losses"] = [float(v) for v in legacy.losses]
 fresh = keras3.models.load_model({str(tmp_path / 'keras3.keras')!r})
 for w in fresh.weights:
     w.assign(np.zeros(w.shape, w.dtype))
@@ -257,6 +280,7 @@ print("RESULT" + json.dumps(out))
         got, want = out[name], expected[name]
         assert got["regularizers"] == ["Margin", "SoftMinMax", "MSQE"]
         assert got["loss"] == ("Foothill" if name == "keras2" else "FoothillKeras3")
+        assert got["fold"] == "bn"   # found again in the reloaded (rebuilt) graph
         assert set(got["weights"]) == set(want["weights"])
         assert {"kernel_margin@d", "kernel_hardness@e", "kernel_step@out"} <= set(want["weights"])
         for key, value in want["weights"].items():
@@ -265,3 +289,4 @@ print("RESULT" + json.dumps(out))
         np.testing.assert_allclose(got["losses"], want["losses"], rtol=1e-6)
         np.testing.assert_allclose(got["eval"], want["eval"], rtol=1e-6)
     np.testing.assert_allclose(out["h5_losses"], expected["keras3"]["losses"], rtol=1e-6)
+    np.testing.assert_allclose(out["legacy_h5_losses"], expected["keras3"]["losses"], rtol=1e-6)
