@@ -46,9 +46,17 @@ def _smax(u, a):
     return float(np.sum(u * p) / np.sum(p))
 
 
+def _foothill(x, alpha, beta):
+    return alpha * x * np.tanh(beta * x / 2)
+
+
+def _fake_quant(w, step, bits):
+    return np.clip(np.round(w / step), -2 ** (bits - 1), 2 ** (bits - 1) - 1) * step
+
+
 CASES = {
     "foothill": (lambda: R.Foothill(0.5, alpha=1.5, beta=3.0, center=0.2),
-                 lambda w: 0.5 * np.sum(1.5 * (np.abs(w) - 0.2) * np.tanh(3.0 * (np.abs(w) - 0.2) / 2))),
+                 lambda w: 0.5 * np.sum(_foothill(np.abs(w) - 0.2, 1.5, 3.0))),
     "linf_scale": (lambda: R.LInf(0.3), lambda w: 0.3 * np.abs(w).max() / _rms(w)),
     "linf_none": (lambda: R.LInf(0.3, normalize="none"), lambda w: 0.3 * np.abs(w).max()),
     "margin_scale": (lambda: R.Margin(0.2, power=2, margin_weight=0.5, margin=1.1),
@@ -61,10 +69,9 @@ CASES = {
                            lambda w: 0.1 * (_smax((w / _rms(w)).ravel(), 2.0)
                                             + _smax(-(w / _rms(w)).ravel(), 2.0) + np.exp(-2.0))),
     "msqe_trainable": (lambda: R.MSQE(2.0, bits=3, step=0.25, trainable_step=True),
-                       lambda w: 2.0 * np.mean((w - np.clip(np.round(w / 0.25), -4, 3) * 0.25) ** 2)),
-    "msqe_per_channel": (lambda: R.MSQE(1.0, bits=4, per_channel=True),
-                         lambda w: np.mean((w - np.clip(np.round(w / (np.abs(w).max(0) / 7)), -8, 7)
-                                            * (np.abs(w).max(0) / 7)) ** 2)),
+                       lambda w: 2.0 * np.mean((w - _fake_quant(w, 0.25, 3)) ** 2)),
+    "msqe_per_channel": (lambda: R.MSQE(1.0, bits=4, per_channel=True),   # step per column
+                         lambda w: np.mean((w - _fake_quant(w, np.abs(w).max(0) / 7, 4)) ** 2)),
     "partial_l2": (lambda: R.PartialL2(3.0, fraction=0.5),
                    lambda w: 3.0 * np.sum(np.where(np.abs(w) <= 0.6, w, 0) ** 2) / w.size),
 }
@@ -290,3 +297,16 @@ print("RESULT" + json.dumps(out))
         np.testing.assert_allclose(got["eval"], want["eval"], rtol=1e-6)
     np.testing.assert_allclose(out["h5_losses"], expected["keras3"]["losses"], rtol=1e-6)
     np.testing.assert_allclose(out["legacy_h5_losses"], expected["keras3"]["losses"], rtol=1e-6)
+
+
+def test_msqe_per_channel_of_a_depthwise_kernel_uses_one_step_per_output_channel(K):
+    layer = K.layers.DepthwiseConv2D(3, depth_multiplier=2,
+                                     depthwise_regularizer=R.MSQE(1.0, bits=3, per_channel=True))
+    layer.build((None, 5, 5, 2))
+    kernel = layer.kernel if K is keras3 else layer.depthwise_kernel
+    w = np.asarray(kernel.numpy())                      # (3, 3, in=2, multiplier=2)
+    step = np.abs(w).max(axis=(0, 1), keepdims=True) / 3   # per (in, multiplier) channel
+    np.testing.assert_allclose(float(layer.losses[0]),
+                               np.mean((w - _fake_quant(w, step, 3)) ** 2), rtol=1e-5)
+    per_tensor = np.mean((w - _fake_quant(w, np.abs(w).max() / 3, 3)) ** 2)
+    assert not np.isclose(float(layer.losses[0]), per_tensor)
