@@ -312,6 +312,12 @@ def test_folded_and_per_channel_steps_equal_keras2_or_are_refused():
         training.TrainingModel(m3, terms=[t3])
         np.testing.assert_allclose(t3.regularizer_value()[0].numpy(),
                                    t2.regularizer_value()[0].numpy(), rtol=1e-6)
+        if bn:  # gradient-ℓ1 w.r.t. the folded kernel (step reduction on the folded grid)
+            x, y = images()
+            p2 = training.GradientL1().penalty(m2, x, y, k2.ce("float32"), training=True)
+            p3 = training.GradientL1().penalty(m3, x, y, k3.ce("float32"), training=True)
+            for key in ("norm_w", "norm_a"):
+                np.testing.assert_allclose(p3[key].numpy(), p2[key].numpy(), rtol=1e-5)
 
 
 # ------------------------------------------------------------------------------------------
@@ -345,7 +351,7 @@ def test_keras_file_round_trip_restores_state_and_training_continues(k, tmp_path
     x, y = images(n=16)
     model = training.TrainingModel(k.cnn(), terms=_terms())
     model.compile(k.mod.optimizers.Adam(1e-2), k.ce("float32"))
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     path = str(tmp_path / "m.keras")
     model.save(path)
     loaded = k.mod.models.load_model(path)
@@ -355,11 +361,38 @@ def test_keras_file_round_trip_restores_state_and_training_continues(k, tmp_path
         np.testing.assert_array_equal(a, b)
     msqe = loaded.terms[1]
     np.testing.assert_array_equal(np.asarray(msqe.alpha), np.asarray(model.terms[1].alpha))
+    # weights only (.weights.h5 on Keras 3, .h5 on Keras 2) into a fresh model
+    wpath = str(tmp_path / ("m.weights.h5" if k.name == "keras3" else "m.h5"))
+    model.save_weights(wpath)
+    fresh = training.TrainingModel(k.cnn(seed=9), terms=_terms())
+    fresh.load_weights(wpath)
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
     # the optimizer state came back too: one more epoch of each gives the same weights
-    model.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
-    loaded.fit(x, y, batch_size=8, epochs=1, verbose=0, shuffle=False)
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    loaded.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(model.get_weights(), loaded.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_subclassed_inner_model_records_its_layers_activations(k):
+    class Net(k.mod.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1 = k.mod.layers.Dense(4, activation="tanh", dtype=F64, name="d1")
+            self.d2 = k.mod.layers.Dense(2, dtype=F64, name="d2")
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    x, y = batch()
+    net, ref = Net(), k.mlp(seed=6)
+    net(x[:1])
+    net.set_weights(ref.get_weights())
+    out = gl1().penalty(net, x, y, k.ce())
+    _, _, norm_w, norm_a = exact_sgd_update(ref, x, y, 0.2, 0.1, 0.125, k.ce())
+    np.testing.assert_allclose(out["norm_w"].numpy(), norm_w, rtol=1e-10)
+    np.testing.assert_allclose(out["norm_a"].numpy(), norm_a, rtol=1e-10)
 
 
 def test_mirrored_strategy_matches_single_device(k, distribute_scope):
