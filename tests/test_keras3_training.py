@@ -27,11 +27,13 @@ class _K:
         kw = {"dtype": dtype} if self.mod is keras3 else {}
         return self.mod.losses.SparseCategoricalCrossentropy(from_logits=True, **kw)
 
-    def mlp(self, seed=0, dtype=F64, hidden=4, inputs=3, classes=2):
+    def mlp(self, seed=0, dtype=F64, hidden=4, inputs=3, classes=2, l2=None):
         """Functional Dense(tanh) -> Dense with weights drawn by NumPy (same in both Keras)."""
         L = self.mod.layers
         inp = self.mod.Input((inputs,), dtype=dtype)
-        h = L.Dense(hidden, activation="tanh", dtype=dtype, name="d1")(inp)
+        reg = self.mod.regularizers.L2(l2) if l2 else None
+        h = L.Dense(hidden, activation="tanh", dtype=dtype, name="d1",
+                    kernel_regularizer=reg)(inp)
         out = L.Dense(classes, dtype=dtype, name="d2")(h)
         model = self.mod.Model(inp, out, name="mlp")
         rng = np.random.default_rng(seed)
@@ -345,6 +347,17 @@ def test_fit_one_epoch_logs_the_composed_loss(k):
     ev = model.evaluate(x, y, verbose=0, return_dict=True)
     assert set(ev) == {"loss", "accuracy"}
     np.testing.assert_allclose(ev["loss"], float(k.ce("float32")(y, model.inner(x))), rtol=1e-5)
+
+
+def test_kernel_regularizer_losses_enter_the_total(k):
+    x, y = batch(seed=8)
+    inner = k.mlp(seed=2, l2=0.05)
+    w = np.asarray(inner.get_layer("d1").kernel)
+    model = training.TrainingModel(inner, terms=[training.LearnablePartialL2(beta=1.0)])
+    model.compile(k.mod.optimizers.SGD(0.0), k.ce())
+    logs = model.train_on_batch(x, y, return_dict=True)
+    expected = 0.05 * (w ** 2).sum() + logs["exp_alpha"] * logs["partial_l2"]  # α = 0
+    np.testing.assert_allclose(logs["loss"] - logs["task_loss"], expected, rtol=1e-5)
 
 
 def test_keras_file_round_trip_restores_state_and_training_continues(k, tmp_path):
