@@ -97,7 +97,8 @@ out["margin_moved"] = float(margin.numpy()) != before
 errors = {}
 for what, use in (("attribute", lambda: tfqreg.quantizers),
                   ("import", lambda: __import__("tfqreg.quantizers")),
-                  ("require_larq", lambda: _keras.require_larq("the BNN builder"))):
+                  ("require_larq", lambda: _keras.require_larq("the BNN builder")),
+                  ("models.bnn", lambda: tfqreg.models.bnn())):
     try:
         use()
         errors[what] = None
@@ -117,7 +118,8 @@ print("RESULT" + json.dumps(out))
         return
     assert out["k3"] is True
     for what, feature in (("attribute", "tfqreg.quantizers"), ("import", "tfqreg.quantizers"),
-                          ("require_larq", "the BNN builder")):
+                          ("require_larq", "the BNN builder"),
+                          ("models.bnn", "tfqreg.models.bnn")):
         msg = out["errors"][what]
         assert msg and msg.startswith(f"{feature}") and "needs larq" in msg, (what, msg)
         assert "TF_USE_LEGACY_KERAS=1" in msg and "Keras 3" in msg and "import tfqreg" in msg

@@ -247,7 +247,9 @@ def bnn(input_quantizer="ste_sign", kernel_quantizer="ste_sign", input_shape=(28
         kernel_quantizer: larq quantizer (name or instance) for every kernel.
         filters: the two convolutions' widths.
     """
-    import larq as lq
+    from tfqreg._keras import require_larq
+
+    lq = require_larq("tfqreg.models.bnn")
 
     def fresh(q):
         if q is None or isinstance(q, str):
