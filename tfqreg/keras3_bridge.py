@@ -82,6 +82,12 @@ WEIGHT_ATTRIBUTES = {
 }
 """How each ``tf_keras`` weight is found on the Keras 3 layer (by attribute, not position)."""
 
+_RENAMED = {"LeakyReLU": {"negative_slope": "alpha"}}
+"""Config keys whose names differ: Keras 3 name -> tf_keras name, per layer class."""
+_KERAS3_ONLY = {"ZeroPadding1D": {"data_format": "channels_last"},
+                "Cropping1D": {"data_format": "channels_last"},
+                "UpSampling1D": {"data_format": "channels_last"}}
+"""Keras 3 config keys tf_keras lacks: dropped when they hold the value tf_keras implies."""
 _VERIFY_SAMPLES = 32
 _DROPPED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 
@@ -177,8 +183,13 @@ def _translate_config(layer) -> Dict[str, Any]:
             config.pop(key)
         elif key == "activation":
             config[key] = _activation(config[key], name, key)
-    if "activation" in config and type(layer).__name__ == "Activation":
-        config["activation"] = _activation(config["activation"], name, "activation")
+    for key, implied in _KERAS3_ONLY.get(type(layer).__name__, {}).items():
+        if key in config and config.pop(key) != implied:
+            raise TypeError(f"layer '{name}': `{key}` other than {implied!r} has no tf_keras "
+                            "counterpart.")
+    for old, new in _RENAMED.get(type(layer).__name__, {}).items():
+        if old in config:
+            config[new] = config.pop(old)
     return config
 
 
@@ -195,8 +206,9 @@ def _new_layer(layer):
     try:
         return getattr(keras.layers, cls_name).from_config(config)
     except (TypeError, ValueError) as e:
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise TypeError(f"layer '{layer.name}' ({cls_name}): its Keras 3 config does not "
-                        f"translate to tf_keras ({e}).") from None
+                        f"translate to tf_keras ({first}).") from None
 
 
 def _copy_weights(new, old) -> None:

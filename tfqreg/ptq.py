@@ -25,6 +25,12 @@ model is untouched) that computes what the TFLite converter would make of it:
   BatchNorm, a standalone activation). Shape-only layers (max pooling, reshape, flatten,
   dropout, padding) keep their input's grid, as in TFLite. Wrappers: :class:`ActivationFakeQuant`.
 
+Keras 3 (TensorFlow backend): :func:`quantize` and :func:`sweep` take Keras 3 Sequential and
+Functional models too. They run on the model's tf_keras mirror (:mod:`tfqreg.keras3_bridge`:
+the same layers and weights, checked to compute the same outputs on the first batch of your
+data), so the numbers are those of the same model built in tf_keras; :func:`quantize` returns
+a tf_keras model.
+
 :func:`sweep` evaluates the float model and each bit width and returns a :class:`SweepResult`:
 plain data that prints as a table and saves as JSON / CSV / a plot, with the fold plan. It folds
 and clones the model once and only re-assigns kernels and re-calibrates per width.
@@ -850,11 +856,11 @@ def add_arguments(parser) -> None:
 
 
 def _load_model(path: str) -> keras.Model:
-    import tfqreg  # noqa: F401  (registers every tfqreg object)
-    from tfqreg import quantization, quantizers  # noqa: F401
+    """The model in ``path``, every tfqreg object registered; a file that only Keras 3 reads
+    is loaded as a Keras 3 model (:func:`tfqreg.deploy.loading.load_model`)."""
+    from tfqreg.deploy.loading import load_model
 
-    with quantization.quantize_scope():
-        return keras.models.load_model(path, compile=False)
+    return load_model(path)
 
 
 def _check_cli(args) -> None:
@@ -902,6 +908,8 @@ def run_cli(args) -> int:
         _check_cli(args)
         try:
             model = _load_model(args.model)
+        except ValueError:
+            raise
         except Exception as e:
             raise ValueError(f"could not load a Keras model from {args.model!r}: "
                              f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")

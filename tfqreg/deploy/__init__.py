@@ -36,6 +36,12 @@ that import downward only, one concern each. In the order a model passes through
 7. **command line** (:mod:`~tfqreg.deploy.cli`): ``tfqreg export MODEL --target
    tflite|int8|edgetpu|micro|lce [--weight-bits 8|4|2] [--runtime litert|micro] --out DIR``.
 
+Keras 3 models (TensorFlow backend, Sequential or Functional): :func:`to_tflite` and
+:func:`to_micro` convert them through their tf_keras mirror (:mod:`tfqreg.keras3_bridge`,
+verified on the check's inputs) and check the file against the Keras 3 model's own outputs
+(4- / 2-bit files: against the simulated model); :func:`load_model` reads ``.keras`` files
+saved by Keras 3. :func:`to_lce` refuses them (larq is Keras 2 only).
+
 Which runtime runs which low-bit weights (``ai-edge-litert`` 2.3.0, TFLite Micro): LiteRT runs
 INT4 in CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED and INT2 in FULLY_CONNECTED only
 (``weight_bits=2`` stores a convolution's 2-bit grid in INT4); TFLite Micro runs INT4 in the

@@ -549,6 +549,12 @@ def to_lce(
         ConversionError: LCE could not convert the model.
         ParityError: ``check`` is on and top-1 agreement is below ``min_agreement``.
     """
+    from tfqreg import keras3_bridge
+
+    if keras3_bridge.is_keras3_model(model):
+        raise TypeError("`model` is a Keras 3 model: Larq Compute Engine export takes larq "
+                        "models, and larq is built on Keras 2 (tf_keras); build the BNN with "
+                        "larq layers in tf_keras. Keras 3 models export with to_tflite.")
     check_keras2(model, "model", keras.Model)
     if io_dtype not in ("float32", "int8"):
         raise ValueError(f"`io_dtype` must be 'float32' or 'int8' for LCE, got {io_dtype!r}.")

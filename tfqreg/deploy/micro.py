@@ -402,7 +402,10 @@ def to_micro(
     """Export ``model`` for TensorFlow Lite Micro (see the module docstring).
 
     Args:
-        model: a built ``tf_keras`` model.
+        model: a built ``tf_keras`` model, or a Keras 3 Sequential / Functional model
+            (exported through its verified tf_keras mirror, as in
+            :func:`tfqreg.deploy.convert.to_tflite`; int8 checks compare with the Keras 3
+            model's outputs).
         representative_data: calibration inputs (as :func:`tfqreg.deploy.convert.to_tflite`).
         out_dir: folder for ``<name>.tflite``, ``<name>_model_data.cc/.h`` and
             ``<name>_micro.json``.
@@ -431,6 +434,11 @@ def to_micro(
         FileExistsError: an output file exists and ``overwrite`` is false.
         ValueError / TypeError: an argument out of range or of the wrong type (named).
     """
+    from tfqreg import keras3_bridge
+
+    keras3_model = None
+    if keras3_bridge.is_keras3_model(model):  # to_tflite verifies the mirror on the samples
+        keras3_model, model = model, keras3_bridge.to_keras2(model, verify=False)
     check_keras2(model, "model", keras.Model)
     _check_args(name, arena_margin, io_dtype)
     if representative_data is None:
@@ -456,14 +464,16 @@ def to_micro(
         raise ValueError(f"`model` input(s) {dynamic} have axes of unknown size: TFLite Micro "
                          "needs static shapes; build the model on keras.Input(shape=(H, W, C)).")
     low_bit = weight_bits not in (None, 8)
-    label = "the simulated model" if low_bit else "Keras"  # what the checks compare with
+    label = "the simulated model" if low_bit else (  # what the checks compare with
+        "Keras" if keras3_model is None else "Keras 3")
     # A low-bit to_tflite(runtime="micro") checks in TFLite Micro; the LiteRT check is made here
     # (below), so that both runtimes are checked once, as for int8.
-    res = to_tflite(model, mode="int8", representative_data=representative_data,
+    res = to_tflite(model if keras3_model is None else keras3_model, mode="int8",
+                    representative_data=representative_data,
                     io_dtype=io_dtype, batch_size=1, check=check and not low_bit, sample=sample,
                     min_agreement=min_agreement, weight_bits=weight_bits, runtime="micro")
     flat = res.flatbuffer
-    reference = model
+    reference = model if keras3_model is None else keras3_model  # what the user built
     if low_bit:
         specs = input_specs(model)
         calibration = to_samples(representative_data, specs, "representative_data",
