@@ -9,7 +9,7 @@ import keras as keras3
 import numpy as np
 import pytest
 
-from tfqreg import fold, grid, training
+from tfqreg import fold, training
 from tfqreg._keras import keras as keras2
 from tfqreg._keras import tf
 
@@ -294,32 +294,39 @@ def test_round_to_grid_puts_kernels_on_the_learned_grid(k):
     np.testing.assert_allclose(idx, np.round(idx), atol=1e-9)
 
 
-def test_folded_and_per_channel_steps_equal_keras2_or_are_refused():
-    """On Keras 3 the BatchNorm fold and per-channel axes need tfqreg.fold / tfqreg.grid to
-    read Keras 3 layers: when they do, the term equals the Keras 2 one on the same weights;
-    when they do not, it is refused (never measured on the wrong tensor)."""
+def test_folded_and_per_channel_terms_equal_keras2():
+    """MSQE of the BatchNorm-folded kernel, per-channel MSQE, and gradient-ℓ1 w.r.t. the folded
+    kernel: a Keras 3 model gives the Keras 2 values on the same weights."""
     k2, k3 = _K(keras2, "keras2"), _K(keras3, "keras3")
-    for bn, per_channel in ((True, False), (False, True)):
+    for bn, per_channel in ((True, False), (False, True), (True, True)):
         m2, m3 = k2.cnn(bn=bn, seed=4), k3.cnn(bn=bn, seed=4)
-        folds = fold.batchnorm_for_kernel(m3.get_layer("conv"), m3.get_layer("conv").kernel)
-        axes = grid.channel_axes_for(m3.get_layer("conv"))
-        supported = (folds is not None) if bn else (axes is not None)
         t2 = training.LearnableMSQE(bits=4, per_channel=per_channel)
-        training.TrainingModel(m2, terms=[t2])
         t3 = training.LearnableMSQE(bits=4, per_channel=per_channel)
-        if not supported:
-            with pytest.raises(ValueError, match="BatchNorm|per-channel"):
-                training.TrainingModel(m3, terms=[t3])
-            continue
+        training.TrainingModel(m2, terms=[t2])
         training.TrainingModel(m3, terms=[t3])
+        assert (t3._folds[0] is not None) == bn
         np.testing.assert_allclose(t3.regularizer_value()[0].numpy(),
                                    t2.regularizer_value()[0].numpy(), rtol=1e-6)
-        if bn:  # gradient-ℓ1 w.r.t. the folded kernel (step reduction on the folded grid)
+        if bn and not per_channel:
             x, y = images()
             p2 = training.GradientL1().penalty(m2, x, y, k2.ce("float32"), training=True)
             p3 = training.GradientL1().penalty(m3, x, y, k3.ce("float32"), training=True)
             for key in ("norm_w", "norm_a"):
                 np.testing.assert_allclose(p3[key].numpy(), p2[key].numpy(), rtol=1e-5)
+
+
+def test_keras3_fold_or_axes_unknown_to_tfqreg_fold_is_refused(monkeypatch):
+    """If tfqreg.fold cannot read a Keras 3 graph (no consumers, no fold) or knows no channel
+    axis, the term is refused instead of measuring the unfolded / per-tensor kernel."""
+    k3 = _K(keras3, "keras3")
+    monkeypatch.setattr(fold, "batchnorm_for_kernel", lambda layer, kernel: None)
+    monkeypatch.setattr(fold, "consumers", lambda layer: [])
+    with pytest.raises(ValueError, match="followed by BatchNormalization 'bn'"):
+        training.TrainingModel(k3.cnn(bn=True), terms=[training.LearnableMSQE(bits=4)])
+    training.TrainingModel(k3.cnn(bn=False), terms=[training.LearnableMSQE(bits=4)])  # no BN
+    monkeypatch.setattr(fold, "channel_axes", lambda layer: None)
+    with pytest.raises(ValueError, match="per_channel"):
+        training.TrainingModel(k3.cnn(), terms=[training.LearnableMSQE(per_channel=True)])
 
 
 # ------------------------------------------------------------------------------------------

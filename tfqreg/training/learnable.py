@@ -9,7 +9,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from tfqreg import _checks, grid
+from tfqreg import _checks, fold, grid
 from tfqreg._keras import register, tf
 from tfqreg.training._common import (_check, _fold_scale, _folded, _is_keras3, _short_name, _Term,
                                      _unfolded, _unwrap, check_model, kernel_layers)
@@ -40,7 +40,7 @@ class _Learnable(_Term):
 
     def _attach_targets(self, model, owner):
         found = kernel_layers(model, self.layer_names, owner=owner)
-        self._set("_targets", [(l, k, grid.channel_axes_for(_unwrap(l)))
+        self._set("_targets", [(l, k, fold.channel_axes(_unwrap(l)))
                                for l, ks in found for k in ks])
         self._set("_folds", [_fold_scale(l, k) for l, k, _ in self._targets])
         dtype = self._targets[0][1].dtype
@@ -79,7 +79,7 @@ class LearnableMSQE(_Learnable):
 
     Args:
         bits: grid bit width (1..16; 1 is binary ``δ·sign(w)``).
-        per_channel: one δ per output channel (``grid.channel_axes_for``) instead of per tensor.
+        per_channel: one δ per output channel (``fold.channel_axes``) instead of per tensor.
         beta: the ``β`` of ``−β·α`` (``> 0``); at the optimum ``e^α·R = β``.
         alpha_init: initial α (``e^α`` the initial strength).
         alpha_max: cap on α (the variable is clipped after each update and in the cost).
@@ -148,7 +148,7 @@ class LearnableMSQE(_Learnable):
             if flat:
                 raise ValueError(
                     f"LearnableMSQE(per_channel=True): no output-channel axis is known for the "
-                    f"kernels of layers {flat} (tfqreg.grid.channel_axes_for), so a per-channel "
+                    f"kernels of layers {flat} (tfqreg.fold.channel_axes), so a per-channel "
                     "step cannot be learned faithfully; use per_channel=False or exclude them "
                     "(`layers=`).")
         log_steps = []
@@ -302,7 +302,7 @@ def round_to_grid(model_or_term, bits: Optional[int] = None, per_channel: bool =
         raise ValueError("round_to_grid: `bits` is required for a plain Keras model.")
     bits = grid.check_bits(bits)
     for layer, kernels in kernel_layers(model_or_term, None, owner="round_to_grid"):
-        axes = grid.channel_axes_for(_unwrap(layer)) if per_channel else None
+        axes = fold.channel_axes(_unwrap(layer)) if per_channel else None
         for k in kernels:
             info = _fold_scale(layer, k)
             w = _folded(info, k)
