@@ -310,3 +310,37 @@ def test_every_supported_layer_type_is_mirrored_exactly():
                                    np.asarray(model(x)), atol=1e-6)
         covered.add(cls)
     assert covered == set(keras3_bridge.SUPPORTED_LAYERS)
+
+
+def test_tfqreg_export_command_reads_keras3_files(pair, tmp_path, capsys):
+    from tfqreg import cli
+
+    m3, _, x, _ = pair
+    path = tmp_path / "m3.keras"
+    m3.save(str(path))
+    np.save(tmp_path / "x.npy", x)
+    code = cli.main(["export", str(path), "--target", "int8", "--out", str(tmp_path / "out"),
+                     "--data", str(tmp_path / "x.npy"), "--min-agreement", "0.9"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert "parity vs Keras 3" in out.out and (tmp_path / "out" / "m3.tflite").is_file()
+
+
+def test_tfqreg_sweep_command_reads_keras3_files(tmp_path, capsys, monkeypatch):
+    from tfqreg import cli, datasets
+
+    rng = np.random.default_rng(6)
+    xt = rng.random((300, 28, 28, 1), dtype=np.float32)
+    yt = rng.integers(0, 10, 300)
+    monkeypatch.setattr(datasets, "load_numpy", lambda *a: ((xt[:64], yt[:64]), (xt, yt)))
+    keras3.utils.set_random_seed(6)
+    inp = keras3.Input((28, 28, 1))
+    h = keras3.layers.Flatten()(keras3.layers.Conv2D(4, 3, strides=2)(inp))
+    fm = keras3.Model(inp, keras3.layers.Dense(10)(h), name="fm3")
+    fm.save(str(tmp_path / "fm3.keras"))
+    code = cli.main(["sweep", str(tmp_path / "fm3.keras"), "--bits", "8", "4"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    want = np.mean(np.asarray(fm(xt)).argmax(-1) == yt)
+    assert "PTQ sweep: fm3" in out.out
+    assert f"{100 * want:.2f}%" in out.out.splitlines()[2]  # the fp32 row: the Keras 3 model
