@@ -344,3 +344,23 @@ def test_tfqreg_sweep_command_reads_keras3_files(tmp_path, capsys, monkeypatch):
     want = np.mean(np.asarray(fm(xt)).argmax(-1) == yt)
     assert "PTQ sweep: fm3" in out.out
     assert f"{100 * want:.2f}%" in out.out.splitlines()[2]  # the fp32 row: the Keras 3 model
+
+
+def test_learnable_regularizer_weights_stay_behind(pair):
+    # tfqreg's "margin" regularizer adds a training-only `kernel_margin` weight to each layer
+    _, _, x, _ = pair
+    keras3.utils.set_random_seed(7)
+    inp = keras3.Input(SHAPE)
+    h = keras3.layers.Conv2D(4, 3, kernel_regularizer="margin", name="conv")(inp)
+    h = keras3.layers.Flatten()(h)
+    model = keras3.Model(inp, keras3.layers.Dense(3, kernel_regularizer="margin", name="fc")(h))
+    assert "kernel_margin" in [w.name for w in model.get_layer("fc").weights]
+    mirror = keras3_bridge.to_keras2(model, sample=x)
+    assert [w.name.split("/")[-1] for w in mirror.get_layer("fc").weights] == [
+        "kernel:0", "bias:0"]
+    np.testing.assert_allclose(mirror(x).numpy(), np.asarray(model(x)), atol=1e-6)
+    q = ptq.quantize(model, 4)
+    kernel = np.asarray(model.get_layer("fc").kernel)
+    step = np.abs(kernel).max(0) / 7
+    np.testing.assert_allclose(q.get_layer("fc").kernel.numpy(),
+                               np.round(kernel / step) * step, atol=1e-6)
