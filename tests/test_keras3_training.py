@@ -415,6 +415,20 @@ def test_subclassed_inner_model_records_its_layers_activations(k):
     np.testing.assert_allclose(out["norm_a"].numpy(), norm_a, rtol=1e-10)
 
 
+def test_keras3_xla_jit_compile_matches_default():
+    # (Keras 2: tests/test_training.py::test_xla_jit_compile_matches_default)
+    k = _K(keras3, "keras3")
+    x, y = images(n=16, seed=6)
+    models = []
+    for jit in (False, True):
+        m = training.TrainingModel(k.cnn(seed=7), terms=_terms())
+        m.compile(k.mod.optimizers.SGD(0.1), k.ce("float32"), jit_compile=jit)
+        m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        models.append(m)
+    for a, b in zip(models[0].get_weights(), models[1].get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_mirrored_strategy_matches_single_device(k, distribute_scope):
     x, y = images(n=32, seed=3)
 
@@ -454,3 +468,5 @@ def test_keras3_refusals_name_the_argument():
         training.TrainingModel(_K(keras2, "keras2").mlp(), terms=[term])
     with pytest.raises(TypeError, match="`model`"):
         training.kernel_layers("net", None)
+    with pytest.raises(ValueError, match="`filepath`.*legacy HDF5"):
+        model.save("model.h5")

@@ -18,7 +18,9 @@ says where Keras 3 keeps things:
   metrics; ``evaluate`` logs Keras 3's ``loss`` (task + ``model.losses``) and the metrics.
 
 Keras 3 cannot contain Keras 2 layers, so TFMOT- and larq-based models (Keras 2 only) are not
-reachable here; a Keras 2 optimizer given to ``compile`` raises a TypeError naming it.
+reachable here; a Keras 2 optimizer given to ``compile`` raises a TypeError naming it, and
+``save`` to a legacy ``.h5`` file (which cannot restore this model) a ValueError naming
+``filepath``: use ``.keras`` or ``save_weights('….weights.h5')``.
 """
 
 from __future__ import annotations
@@ -104,6 +106,15 @@ def training_model_class() -> type:
             self.compile(**k3.saving.deserialize_keras_object(config))
             if self.built:
                 self.optimizer.build(self.trainable_variables)
+
+        def save(self, filepath, *args, **kwargs):
+            if str(filepath).lower().endswith((".h5", ".hdf5")):
+                raise ValueError(
+                    f"`filepath` ({filepath!r}): Keras 3's legacy HDF5 model format cannot "
+                    "restore a TrainingModel (it stores the class without its registered name "
+                    "and reloads an optimizer that cannot continue). Save as `.keras`, or the "
+                    "weights with `save_weights('….weights.h5')`; export `model.inner`.")
+            return super().save(filepath, *args, **kwargs)
 
         def test_step(self, data):
             x, y, sample_weight = k3.utils.unpack_x_y_sample_weight(data)
