@@ -3,6 +3,10 @@ Keras (the ``k`` fixture), each against an independent computation: a hand-writt
 backprop, NumPy closed forms, the exact step for the finite-difference one, the single-device
 step for MirroredStrategy, and the reloaded model continuing exactly as the original."""
 
+import json
+import subprocess
+import sys
+import textwrap
 import warnings
 
 import keras as keras3
@@ -470,3 +474,93 @@ def test_keras3_refusals_name_the_argument():
         training.kernel_layers("net", None)
     with pytest.raises(ValueError, match="`filepath`.*legacy HDF5"):
         model.save("model.h5")
+
+
+# ------------------------------------------------------------------------------------------
+# MultiWorkerMirroredStrategy (Keras 3; Keras 2: tests/test_training_multiworker.py)
+# ------------------------------------------------------------------------------------------
+
+KERAS3_WORKER = textwrap.dedent(
+    """
+    import json, sys
+    import keras
+    import numpy as np
+    import tfqreg
+    from tfqreg import training
+    from tfqreg._keras import tf
+
+    out, mode = sys.argv[1], sys.argv[2]
+    strategy = (tf.distribute.MultiWorkerMirroredStrategy() if mode == "multi"
+                else tf.distribute.get_strategy())
+    rng = np.random.default_rng(0)
+    x = rng.random((32, 12, 12, 1)).astype("float32")
+    y = rng.integers(0, 10, 32).astype("int64")
+    # Keras 3 distributes a plain dataset itself (it refuses distributed ones): rebatched to
+    # the per-replica batch of 8, then sharded, worker i gets the i-th half of each batch of 16
+    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(16).repeat()
+    with strategy.scope():
+        inp = keras.Input((12, 12, 1))
+        h = keras.layers.Conv2D(4, 3, activation="relu", name="conv")(inp)
+        h = keras.layers.Flatten()(h)
+        inner = keras.Model(inp, keras.layers.Dense(10, name="dense")(h))
+        init = np.random.default_rng(7)  # the same initial weights in every process
+        inner.set_weights([init.normal(0, 0.2, w.shape).astype("float32")
+                           for w in inner.get_weights()])
+        model = training.TrainingModel(
+            inner, terms=[training.GradientL1(1e-2, 1e-2, reduction="mean"),
+                          training.LearnableMSQE(bits=4)])
+        model.compile(keras.optimizers.SGD(0.1),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    hist = model.fit(ds, epochs=2, steps_per_epoch=2, verbose=0).history
+    np.savez(out, *model.get_weights())
+    with open(out + ".json", "w") as f:
+        json.dump({k: [float(v) for v in vs] for k, vs in hist.items()}, f)
+    """
+)
+
+
+@pytest.mark.slow
+def test_keras3_two_workers_agree_and_match_single_process(tmp_path):
+    from test_training_multiworker import _env, _free_ports, _load
+
+    script = tmp_path / "worker.py"
+    script.write_text(KERAS3_WORKER)
+    cluster = {"worker": [f"127.0.0.1:{p}" for p in _free_ports(2)]}
+    procs = []
+    for i in range(2):
+        tf_config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}})
+        procs.append(subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path / f"w{i}.npz"), "multi"],
+            env=_env({"TF_CONFIG": tf_config}), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT))
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single.npz"),
+                             "single"], env=_env(), capture_output=True, timeout=300)
+    outputs = []
+    try:
+        for p in procs:
+            outputs.append(p.communicate(timeout=300)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert single.returncode == 0, single.stderr.decode(errors="replace")[-3000:]
+    if any(p.returncode and "Attempt to convert a value (PerReplica" in text
+           for p, text in zip(procs, outputs)):
+        # Keras 3.15's fit under MultiWorkerMirroredStrategy fails before the first step for
+        # ANY Keras 3 model (trainer._maybe_symbolic_build reduces a PerReplica batch with
+        # strategy.reduce, which the collective ops cannot convert); checked with the plain
+        # inner model. This test runs for real once Keras fixes it.
+        pytest.xfail("Keras 3 fit under MultiWorkerMirroredStrategy fails in Keras itself")
+    for p, text in zip(procs, outputs):
+        assert p.returncode == 0, text[-3000:]
+    w0, w1 = _load(tmp_path / "w0.npz"), _load(tmp_path / "w1.npz")
+    ws = _load(tmp_path / "single.npz")
+    assert len(w0) == len(w1) == len(ws) == 7  # 4 kernel/bias + α + 2 log δ
+    for a, b, c in zip(w0, w1, ws):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
+    h0 = json.loads((tmp_path / "w0.npz.json").read_text())
+    hs = json.loads((tmp_path / "single.npz.json").read_text())
+    for key in ("loss", "task_loss", "gradient_l1", "grad_l1_a", "msqe", "exp_alpha"):
+        np.testing.assert_allclose(h0[key], hs[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert hs["gradient_l1"][-1] > 0
