@@ -131,8 +131,12 @@ if not TF_KERAS_IS_KERAS3:
 
 
 def _is_keras3_object(obj) -> bool:
-    module = type(obj).__module__ or ""
-    return module.split(".")[0] == "keras" and not isinstance(obj, keras.layers.Layer)
+    """A Keras 3 object, or an instance of a user's subclass of a Keras 3 class (``class
+    M(keras.Model)`` defined in ``__main__``): some class of its MRO lives in ``keras.``."""
+    if isinstance(obj, keras.layers.Layer):
+        return False
+    return any((getattr(cls, "__module__", "") or "").split(".")[0] == "keras"
+               for cls in type(obj).__mro__)
 
 
 def keras3_module():

@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from tfqreg._keras import check_keras2, keras, tf
+from tfqreg._keras import check_keras2, keras, require_larq, tf
 from tfqreg.deploy.arguments import (IO_DTYPES, MAX_BATCH_SIZE, MODES, check_arguments,
                                      check_lowbit_arguments, check_path)
 from tfqreg.deploy.loading import load_model
@@ -493,7 +493,7 @@ def _binary_layers(model: Any) -> List[str]:
     turn into ``LceBconv2d``."""
     try:
         import larq as lq
-    except ImportError:  # pragma: no cover
+    except (ImportError, AttributeError):  # larq unusable (tf.keras is Keras 3): no larq layers
         return []
     names = []
 
@@ -556,6 +556,7 @@ def to_lce(
                         "models, and larq is built on Keras 2 (tf_keras); build the BNN with "
                         "larq layers in tf_keras. Keras 3 models export with to_tflite.")
     check_keras2(model, "model", keras.Model)
+    require_larq("tfqreg.deploy.to_lce")
     if io_dtype not in ("float32", "int8"):
         raise ValueError(f"`io_dtype` must be 'float32' or 'int8' for LCE, got {io_dtype!r}.")
     check_arguments(None, None, batch_size, None, min_agreement, atol)

@@ -24,9 +24,14 @@ __all__ = ["load_model"]
 
 
 def _register_custom_objects() -> None:
-    """Import the modules that register tfqreg/larq objects, so saved models load."""
-    for name in ("larq", "tfqreg.quantizers", "tfqreg.regularizers", "tfqreg.quantization",
-                 "tfqreg.losses", "tfqreg.training"):
+    """Import the modules that register tfqreg/larq objects, so saved models load. larq (and
+    tfqreg.quantizers, built on it) are skipped when ``tf.keras`` is Keras 3 in this process:
+    larq cannot be imported there (``_keras.TF_KERAS_IS_KERAS3``)."""
+    from tfqreg import _keras
+
+    larq = () if _keras.TF_KERAS_IS_KERAS3 else ("larq", "tfqreg.quantizers")
+    for name in larq + ("tfqreg.regularizers", "tfqreg.quantization", "tfqreg.losses",
+                        "tfqreg.training"):
         try:
             importlib.import_module(name)
         except ImportError:
