@@ -180,7 +180,8 @@ class _TrainingSteps:
         local, total, term_values = None, None, {}
         parts = []
         if self.losses:
-            parts.append(tf.add_n([tf.cast(l, task.dtype) for l in self.losses]))
+            # summed: a Keras 3 `add_loss` may hold a non-scalar tensor (Keras sums it too)
+            parts.append(tf.add_n([tf.reduce_sum(tf.cast(l, task.dtype)) for l in self.losses]))
         for term in self._learnable:
             cost, metrics = term.cost()
             parts.append(tf.cast(cost, task.dtype))
