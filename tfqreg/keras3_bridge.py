@@ -102,10 +102,7 @@ def _k3():
 def is_keras3_model(obj) -> bool:
     """Whether ``obj`` is a Keras 3 model, including an instance of a user's subclass of
     ``keras.Model`` (whose class lives in the user's module)."""
-    if is_keras3(obj):
-        return True
-    k3 = keras3_module()
-    return k3 is not None and isinstance(obj, k3.Model)
+    return is_keras3(obj)  # looks at the whole MRO: user subclasses count
 
 
 def _is_sequential(model) -> bool:

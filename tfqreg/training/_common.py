@@ -111,14 +111,9 @@ _KERNEL_LAYERS = ("Dense", "Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "Dep
 
 
 def _is_keras3(obj) -> bool:
-    """:func:`tfqreg._keras.is_keras3`, and also for instances of Keras 3 subclasses defined
-    outside the ``keras`` package (a user's ``class Net(keras.Model)``, the Keras 3
-    TrainingModel), which the module-based test misses."""
-    if is_keras3(obj):
-        return True
-    k3 = keras3_module()
-    return k3 is not None and isinstance(obj, (k3.layers.Layer, k3.Variable,
-                                               k3.optimizers.Optimizer, k3.metrics.Metric))
+    """:func:`tfqreg._keras.is_keras3` (which also sees a user's ``class Net(keras.Model)`` and
+    the Keras 3 TrainingModel: it looks at the whole MRO)."""
+    return is_keras3(obj)
 
 
 def keras_of(obj):
