@@ -23,7 +23,9 @@ def test_readme_has_the_tour_blocks():
     assert "load_numpy" in blocks[0]  # the set-up block comes first
     joined = "\n".join(blocks)
     for needle in ("regularizers.LInf", "quantize_model", "TrainingModel", "ptq.sweep",
-                   "to_tflite", "to_micro", "weight_bits=4", "tfqreg.summary(model)"):
+                   "to_tflite", "to_micro", "weight_bits=4", "tfqreg.summary(model)",
+                   "import keras ", "TrainingModel(k3model", 'load_model("k3.keras")',
+                   "ptq.sweep(k3model"):
         assert needle in joined, needle
     assert "print(tfqreg.summary" not in joined  # summary prints; print() would double it
 
