@@ -348,7 +348,8 @@ def main(argv=None):
                         "per-channel;\nBatchNorm statistics re-estimated on 2,048 training "
                         "images after training ('FP32 mov.': FP32 before, with the moving "
                         "statistics as trained)")),
-                    "wall_seconds": time.time() - start,
+                    "wall_seconds": time.time() - start + (kept["wall_seconds"] if args.add_to
+                                                            else 0.0),
                     "loadavg_1min": float(np.mean(loads)),
                 }
                 path = write_json(name, payload) if not os.path.isabs(name) else _write(name,
