@@ -88,6 +88,20 @@ def test_console_script_and_python_m_list_the_subcommands(launcher):
     assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "tf_keras", "numpy")]
 
 
+@pytest.mark.parametrize("launcher", ["script", "module"])
+def test_command_loads_tfqreg_after_parsing(launcher):
+    """After its arguments parse, the command loads tfqreg (TensorFlow and all) and gets to the
+    command's own checks: a missing MODEL is one line and exit 2, not a RecursionError in
+    ``tfqreg.load``."""
+    cmd = [SCRIPT] if launcher == "script" else ["-m", "tfqreg"]
+    proc = subprocess.run([sys.executable] + cmd + ["sweep", "/nonexistent/model.keras"],
+                          capture_output=True, text=True, env=_env(), timeout=300, cwd=REPO)
+    assert proc.returncode == 2, proc.stderr[-1500:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("tfqreg sweep: error: MODEL") and "does not exist" in last, last
+    assert "RecursionError" not in proc.stderr
+
+
 def test_import_tfqreg_still_loads_everything_at_once():
     proc = subprocess.run(
         [sys.executable, "-c", "import sys, tfqreg; from tfqreg._keras import keras; "

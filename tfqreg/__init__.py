@@ -36,9 +36,11 @@ _loaded = False
 
 
 def _larq_usable() -> bool:
-    from tfqreg import _keras
+    import importlib
 
-    return not _keras.TF_KERAS_IS_KERAS3
+    # import_module, not ``from tfqreg import _keras``: before load() that form asks this
+    # package's __getattr__ for "_keras", which calls load(), which calls this (recursion)
+    return not importlib.import_module("tfqreg._keras").TF_KERAS_IS_KERAS3
 
 
 def load() -> None:
