@@ -172,7 +172,8 @@ def acceptance(summary) -> Dict[str, Dict[str, dict]]:
 
 def table(summary, accept, header: str = "") -> str:
     lines = [header] if header else []
-    lines += [f"{'architecture':<13}{'row':<14}" + "".join(f"{c:>12}" for c in COLUMNS)
+    width = max([14] + [len(spec) + 1 for rows in summary.values() for spec in rows])
+    lines += [f"{'architecture':<13}{'row':<{width}}" + "".join(f"{c:>12}" for c in COLUMNS)
              + f"{'FP32 cost':>11}{'W3pt gain':>11}  ok{'FP32 mov.':>12}"]
     for arch, rows in summary.items():
         for spec, r in rows.items():
@@ -183,7 +184,7 @@ def table(summary, accept, header: str = "") -> str:
             tail = " " * 26 if a is None else (
                 f"{a['fp32_cost_pt']:>+11.1f}{a['w3pt_gain_pt']:>+11.1f}"
                 f"  {'yes' if a['ok'] else 'NO ':<3}")
-            lines.append(f"{arch:<13}{spec:<14}{cells}{tail}{moving}")
+            lines.append(f"{arch:<13}{spec:<{width}}{cells}{tail}{moving}")
     return "\n".join(lines)
 
 
@@ -332,7 +333,8 @@ def main(argv=None):
                     "epochs": epochs, "train_images": len(train[0]), "test_images": len(xt),
                     "seeds": seeds,
                     "seeds_done": min(len(v) for rows in runs.values() for v in rows.values()),
-                    "added_rows": list(args.rows) if args.add_to else [],
+                    "added_rows": (list(dict.fromkeys(kept.get("added_rows", []) + args.rows))
+                                   if args.add_to else []),
                     "optimizer": "Adam 1e-3, batch 128",
                     "quantization": "tfqreg.ptq.sweep, BatchNorm folded, weights only "
                                     "(activations float); pt = per-tensor, pc = per-channel",

@@ -91,6 +91,9 @@ def render() -> str:
         with open(path) as f:
             d = json.load(f)
         table = d.get("table") or (_step_time_table(d) if "rows" in d else "")
+        if d.get("added_rows"):  # rows run later beside the kept ones (`--add-to`)
+            command += (f"`, then `{command.split(' --out ')[0]} --rows "
+                        f"{' '.join(d['added_rows'])} --add-to {fname}")
         out += [f"### {title}", "", f"`{command}` — {_describe(d)}.", "", "```", table.rstrip(),
                 "```", ""]
     out.append(END)
