@@ -118,6 +118,33 @@ def ranking(means: Dict[str, float]) -> List[str]:
     return [k for k, _ in sorted(means.items(), key=lambda kv: -kv[1])]
 
 
+#: two-sided 95 % Student t quantiles for n − 1 = 1..9 degrees of freedom (then ≈ 2.0)
+_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def _score(run: dict, epoch) -> float:
+    """Test accuracy after ``epoch`` (0-based), or with ``epoch="tail"`` the mean over the last
+    three epochs (less evaluation noise than one epoch's)."""
+    if epoch == "tail":
+        return float(np.mean(run["curve"][-3:]))
+    return run["curve"][epoch]
+
+
+def order(a: List[dict], b: List[dict], epoch) -> str:
+    """``">"``, ``"<"`` or ``"≈"``: row ``a`` against row ``b`` at ``epoch`` (0-based, or
+    ``"tail"``: see :func:`_score`), decided by a paired t-test at 95 % (two-sided) on the
+    same-seed differences; one seed decides nothing. The rows share seeds: the same seed gives
+    the same initialisation and data order up to the quantizer."""
+    n = min(len(a), len(b))
+    if n < 2:
+        return "≈"
+    d = np.array([_score(a[s], epoch) - _score(b[s], epoch) for s in range(n)])
+    se = d.std(ddof=1) / np.sqrt(n)
+    if abs(d.mean()) > _T95.get(n - 1, 2.0) * se and d.mean() != 0:
+        return ">" if d.mean() > 0 else "<"
+    return "≈"
+
+
 def summarize(runs: Dict[str, dict], choice: dict, quantizers, seeds: int) -> dict:
     """Aggregate the final runs: per-row mean curves, final mean ± std, rankings at the last
     three epochs, and whether they are stable."""
@@ -138,23 +165,44 @@ def summarize(runs: Dict[str, dict], choice: dict, quantizers, seeds: int) -> di
                      "curve_mean": curves.mean(0).tolist(),
                      "mean_abs_latent": mean_std([r["mean_abs_latent"] for r in rs]),
                      "seeds": len(rs)}
-    rankings, stable = [], None
+    rankings, stable, decided, decided_stable, tail = [], None, [], None, None
+    tail_orders = None
     if agg:
         n_ep = min(len(a["curve_mean"]) for a in agg.values())
+        plain_rows = [q for q in quantizers if row_name(q, False) in agg]
+        both = [q for q in plain_rows if row_name(q, True) in agg]
         for e in range(max(0, n_ep - 3), n_ep):
-            plain = {q: agg[row_name(q, False)]["curve_mean"][e] for q in quantizers
-                     if row_name(q, False) in agg}
+            plain = {q: agg[row_name(q, False)]["curve_mean"][e] for q in plain_rows}
             pairs = {q: agg[row_name(q, True)]["curve_mean"][e] >
-                     agg[row_name(q, False)]["curve_mean"][e] for q in quantizers
-                     if row_name(q, True) in agg and row_name(q, False) in agg}
+                     agg[row_name(q, False)]["curve_mean"][e] for q in both}
             rankings.append({"epoch": e + 1, "quantizers_plain": ranking(plain),
                              "all_rows": ranking({n: a["curve_mean"][e]
                                                   for n, a in agg.items()}),
                              "regularized_beats_plain": pairs})
+            decided.append({
+                "epoch": e + 1,
+                "plain_pairs": {f"{a} vs {b}": order(rows[row_name(a, False)],
+                                                     rows[row_name(b, False)], e)
+                                for i, a in enumerate(plain_rows) for b in plain_rows[i + 1:]},
+                "regularized_vs_plain": {q: order(rows[row_name(q, True)],
+                                                  rows[row_name(q, False)], e) for q in both}})
         stable = all(r["quantizers_plain"] == rankings[-1]["quantizers_plain"] and
                      r["regularized_beats_plain"] == rankings[-1]["regularized_beats_plain"]
                      for r in rankings)
-    return {"rows": agg, "rankings_last_epochs": rankings, "ranking_stable": stable}
+        tail_orders = {
+            "plain_pairs": {f"{a} vs {b}": order(rows[row_name(a, False)],
+                                                 rows[row_name(b, False)], "tail")
+                            for i, a in enumerate(plain_rows) for b in plain_rows[i + 1:]},
+            "regularized_vs_plain": {q: order(rows[row_name(q, True)], rows[row_name(q, False)],
+                                              "tail") for q in both}}
+        tail = max(max(a["curve_mean"][n_ep - 3:n_ep]) - min(a["curve_mean"][n_ep - 3:n_ep])
+                   for a in agg.values()) if n_ep >= 3 else None
+        decided_stable = all({k: v for k, v in d.items() if k != "epoch"} ==
+                             {k: v for k, v in decided[-1].items() if k != "epoch"}
+                             for d in decided)
+    return {"rows": agg, "rankings_last_epochs": rankings, "ranking_stable": stable,
+            "decided_last_epochs": decided, "decided_ranking_stable": decided_stable,
+            "max_change_last_3_epochs": tail, "orders_last_3_epochs_mean": tail_orders}
 
 
 def table(tuning: dict, choice: dict, summary: dict, quantizers) -> str:
@@ -185,6 +233,25 @@ def table(tuning: dict, choice: dict, summary: dict, quantizers) -> str:
                      "reg > plain: " + ", ".join(f"{q} {'yes' if v else 'no'}"
                                                  for q, v in r["regularized_beats_plain"].items()))
     lines.append(f"ranking stable over the last epochs: {summary['ranking_stable']}")
+    if summary.get("max_change_last_3_epochs") is not None:
+        lines.append("largest change of a row's mean test accuracy over the last 3 epochs: "
+                     f"{100 * summary['max_change_last_3_epochs']:.2f} pt")
+    for d in summary.get("decided_last_epochs", []):
+        lines.append(f"epoch {d['epoch']}, orders a paired t-test over the seeds decides "
+                     "(95 %; ≈: not decided): "
+                     + ", ".join(f"{k.replace(' vs ', f' {v} ')}"
+                                 for k, v in d["plain_pairs"].items())
+                     + "; +Foothill reg vs plain: "
+                     + ", ".join(f"{q} {v}" for q, v in d["regularized_vs_plain"].items()))
+    t = summary.get("orders_last_3_epochs_mean")
+    if t:
+        lines.append("orders of the mean over the last 3 epochs (paired t-test, 95 %): "
+                     + ", ".join(k.replace(" vs ", f" {v} ") for k, v in t["plain_pairs"].items())
+                     + "; +Foothill reg vs plain: "
+                     + ", ".join(f"{q} {v}" for q, v in t["regularized_vs_plain"].items()))
+    if summary.get("decided_ranking_stable") is not None:
+        lines.append("decided orders stable over the last epochs (ties allowed): "
+                     f"{summary['decided_ranking_stable']}")
     return "\n".join(lines)
 
 
@@ -227,7 +294,23 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--quantizers", nargs="*", default=list(WIDTHS), choices=list(WIDTHS))
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only recompute the summary and table of a stored results file (a "
+                        "name under benchmarks/results) from its runs, and rewrite it")
     args = p.parse_args(argv)
+    if args.render:
+        path = args.render if os.path.isabs(args.render) else os.path.join(RESULTS, args.render)
+        with open(path) as f:
+            payload = json.load(f)
+        quantizers = [q for q in WIDTHS if q in payload["choice"]]
+        payload["summary"] = summarize(payload["runs"], payload["choice"], quantizers,
+                                       payload["settings"]["seeds"])
+        payload["table"] = table(payload["tuning"], payload["choice"], payload["summary"],
+                                 quantizers)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+        print(payload["table"])
+        return payload["summary"]
     if args.quick:
         args.train_size, args.val_size, args.tune_epochs, args.epochs, args.seeds = \
             1000, 500, 1, 2, 1

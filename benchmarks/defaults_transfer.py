@@ -23,7 +23,10 @@ per-tensor W3; Foothill (a shrinkage, not a range regularizer) costs ≤ 0.5 pt 
 A row is a regularizer name, optionally with constructor arguments (``"linf:l=0.01"``,
 ``"soft_min_max:l=0.05,normalize=none"``), for exploring other strengths, or ``gradient_l1``
 (``training.GradientL1()`` at its defaults through ``training.TrainingModel``; judged like a
-range row). ``--add-to FILE`` runs the given rows and adds them beside the runs kept in FILE
+range row). A ``+frozen_state`` suffix (``"margin+frozen_state"``) keeps the regularizer's
+learnable state (margin M, hardness a) at its initial value for the whole run (restored after
+every step), a diagnostic: it tells a cost of the state's motion from one of the penalty's pull
+on the weights. ``--add-to FILE`` runs the given rows and adds them beside the runs kept in FILE
 (same seeds, epochs and images, checked), e.g.
 
     python benchmarks/defaults_transfer.py --rows gradient_l1 --add-to defaults_transfer.json
@@ -86,10 +89,19 @@ def _kwargs(args: str) -> dict:
     return kwargs
 
 
+FROZEN = "+frozen_state"
+
+
 def parse_row(spec: str):
     """``"linf"`` or ``"linf:l=0.01,normalize=none"`` -> (name, regularizer or None);
-    ``"gradient_l1[:...]"`` (a training term, see :func:`parse_term`) -> (name, None)."""
+    ``"gradient_l1[:...]"`` (a training term, see :func:`parse_term`) -> (name, None); a
+    ``+frozen_state`` suffix is allowed on a regularizer with learnable state."""
+    frozen = spec.endswith(FROZEN)
+    spec = spec[:-len(FROZEN)] if frozen else spec
     name, _, args = spec.partition(":")
+    if frozen and not getattr(regularizers.ALIASES.get(name), "_state_suffixes", ()):
+        raise ValueError(f"row {spec + FROZEN!r}: {FROZEN} needs a regularizer with learnable "
+                         "state (margin, soft_min_max)")
     if name in ("plain", "gradient_l1"):
         parse_term(spec)
         return spec, None
@@ -115,6 +127,27 @@ def evaluate(model, test) -> Dict[str, float]:
             "W3pc": pc.accuracy(3)}
 
 
+class _FreezeState(keras.callbacks.Callback):
+    """Restores the regularizer's learnable state variables to their initial values after every
+    training step (the ``+frozen_state`` rows)."""
+
+    def __init__(self, model, reg):
+        super().__init__()
+        ends = tuple(f"_{s}" for s in reg._state_suffixes)
+        self.state = [v for v in model.weights if v.name.split(":")[0].endswith(ends)]
+        if not self.state:
+            raise ValueError(f"{FROZEN}: the model has no {ends} variables")
+        self.initial = [v.numpy() for v in self.state]
+
+    def on_train_batch_end(self, batch, logs=None):
+        for v, value in zip(self.state, self.initial):
+            v.assign(value)
+
+    def drift(self) -> float:
+        """max |state − initial| now (0 after a frozen run)."""
+        return max(float(np.max(np.abs(v.numpy() - i))) for v, i in zip(self.state, self.initial))
+
+
 def run_one(arch: str, spec: str, seed: int, train, test, epochs: int, quick: bool) -> dict:
     seed_all(seed)
     _, reg = parse_row(spec)
@@ -123,9 +156,10 @@ def run_one(arch: str, spec: str, seed: int, train, test, epochs: int, quick: bo
     if term is not None:
         model = training.TrainingModel(inner, terms=[term])
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", ["accuracy"])
+    callbacks = [_FreezeState(inner, reg)] if spec.endswith(FROZEN) else []
     t0 = time.time()
     load0 = os.getloadavg()[0]
-    model.fit(*train, batch_size=128, epochs=epochs, verbose=0)
+    model.fit(*train, batch_size=128, epochs=epochs, verbose=0, callbacks=callbacks)
     train_s = time.time() - t0
     if term is not None:  # evaluate the plain inner model, as the other rows are
         inner.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -133,7 +167,8 @@ def run_one(arch: str, spec: str, seed: int, train, test, epochs: int, quick: bo
     recalibrated = recalibrate_batchnorm(inner, train[0], batch=RECALIBRATION)
     acc = evaluate(inner, test)
     described = reg if term is None else term
-    return {**acc, "fp32_trained_stats": moving, "batchnorms_recalibrated": recalibrated,
+    extra = {"frozen_state_drift": callbacks[0].drift()} if callbacks else {}
+    return {**acc, **extra, "fp32_trained_stats": moving, "batchnorms_recalibrated": recalibrated,
             "train_seconds": train_s, "loadavg_1min": (load0 + os.getloadavg()[0]) / 2,
             "regularizer": None if described is None else {"class": type(described).__name__,
                                                             **described.get_config()}}
@@ -150,14 +185,33 @@ def summarize(runs: Dict[str, Dict[str, List[dict]]]) -> Dict[str, Dict[str, dic
     return out
 
 
-def acceptance(summary) -> Dict[str, Dict[str, dict]]:
+def _paired_se(runs_arch, spec, column, sign):
+    """Standard error (pt) of the per-seed differences ``sign·(row − plain)`` in ``column``, over
+    the seeds both rows ran (same seed: same initialisation and data order), or ``None``."""
+    if runs_arch is None or "plain" not in runs_arch or spec not in runs_arch:
+        return None
+    pairs = list(zip(runs_arch[spec], runs_arch["plain"]))
+    if len(pairs) < 2:
+        return None
+    diffs = [sign * 100 * (r[column] - q[column]) for r, q in pairs]
+    return float(np.std(diffs, ddof=1) / np.sqrt(len(diffs)))
+
+
+def acceptance(summary, runs=None) -> Dict[str, Dict[str, dict]]:
     """Per architecture and regularizer row: FP32 cost against plain (pt) and the per-tensor
-    W3 gain; ``ok`` for a range row needs cost ≤ 0.5 and gain > 0, for Foothill cost ≤ 0.5."""
+    W3 gain; ``ok`` for a range row needs cost ≤ 0.5 and gain > 0, for Foothill cost ≤ 0.5.
+
+    With the per-seed ``runs``, each also gets its paired standard error (``*_se``): the spread
+    of the same-seed differences, which is what tells a cost from seed noise. Rows trained from
+    the same seed share the initialisation and the data order, so their differences vary far
+    less than either row's accuracy does over seeds.
+    """
     out = {}
     for arch, rows in summary.items():
         if "plain" not in rows:
             continue
         base = rows["plain"]
+        by_seed = (runs or {}).get(arch)
         out[arch] = {}
         for spec, r in rows.items():
             if spec == "plain":
@@ -166,24 +220,33 @@ def acceptance(summary) -> Dict[str, Dict[str, dict]]:
             gain = r["W3pt"]["mean"] - base["W3pt"]["mean"]
             is_range = spec.partition(":")[0] in RANGE_ROWS + ("gradient_l1",)
             ok = cost <= MAX_FP32_COST and (gain > 0 or not is_range)
-            out[arch][spec] = {"fp32_cost_pt": cost, "w3pt_gain_pt": gain, "ok": bool(ok)}
+            out[arch][spec] = {"fp32_cost_pt": cost, "w3pt_gain_pt": gain, "ok": bool(ok),
+                               "fp32_cost_se": _paired_se(by_seed, spec, "fp32", -1.0),
+                               "w3pt_gain_se": _paired_se(by_seed, spec, "W3pt", 1.0)}
     return out
+
+
+def _with_se(value: float, se) -> str:
+    """``"+0.8±0.2"`` (paired standard error), or the value alone, right-aligned in 13."""
+    cell = f"{value:+.1f}" + ("" if se is None else f"±{se:.1f}")
+    return f"{cell:>13}"
 
 
 def table(summary, accept, header: str = "") -> str:
     lines = [header] if header else []
     width = max([14] + [len(spec) + 1 for rows in summary.values() for spec in rows])
     lines += [f"{'architecture':<13}{'row':<{width}}" + "".join(f"{c:>12}" for c in COLUMNS)
-             + f"{'FP32 cost':>11}{'W3pt gain':>11}  ok{'FP32 mov.':>12}"]
+             + f"{'FP32 cost':>13}{'W3pt gain':>13}  ok{'FP32 mov.':>12}"]
     for arch, rows in summary.items():
         for spec, r in rows.items():
             cells = "".join(f"{r[c]['mean']:>7.1f} ±{r[c]['std']:>4.1f}" for c in COLUMNS)
             moving = r["fp32_trained_stats"]
             moving = f"{moving['mean']:>7.1f} ±{moving['std']:>4.1f}"
             a = accept.get(arch, {}).get(spec)
-            tail = " " * 26 if a is None else (
-                f"{a['fp32_cost_pt']:>+11.1f}{a['w3pt_gain_pt']:>+11.1f}"
-                f"  {'yes' if a['ok'] else 'NO ':<3}")
+            tail = " " * 31 if a is None else (
+                _with_se(a["fp32_cost_pt"], a.get("fp32_cost_se"))
+                + _with_se(a["w3pt_gain_pt"], a.get("w3pt_gain_se"))
+                + f"  {'yes' if a['ok'] else 'NO ':<3}")
             lines.append(f"{arch:<13}{spec:<{width}}{cells}{tail}{moving}")
     return "\n".join(lines)
 
@@ -273,10 +336,18 @@ def main(argv=None):
                    help="a results JSON (a name under benchmarks/results) whose runs are kept: "
                         "the --rows are run and added beside them (same seeds and settings), "
                         "the table recomputed, and the file rewritten (or --out)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only recompute the tables of a stored results file (a name under "
+                        "benchmarks/results) from its per-seed runs, and rewrite it")
     p.add_argument("--gradients", action="store_true",
                    help="only the diagnostic: penalty vs task gradient per kernel "
                         "(writes defaults_transfer_gradients.json)")
     args = p.parse_args(argv)
+    if args.render:
+        path = (args.render if os.path.isabs(args.render)
+                else os.path.join(common.RESULTS, args.render))
+        print(render(path)["table"])
+        return
     if args.gradients:
         (x, y), _ = common.load(quick=args.quick)
         start = time.time()
@@ -323,11 +394,11 @@ def main(argv=None):
                 r = run_one(arch, spec, seed, train, test, epochs, args.quick)
                 runs[arch][spec].append(r)
                 loads.append(r["loadavg_1min"])
-                print(f"seed {seed} {arch:<13}{spec:<16}" + " ".join(
+                print(f"seed {seed} {arch:<13}{spec:<16} " + " ".join(
                     f"{c} {100 * r[c]:5.1f}" for c in COLUMNS)
                     + f"  ({r['train_seconds']:.0f} s, load {r['loadavg_1min']:.1f})", flush=True)
                 summary = summarize(runs)
-                accept = acceptance(summary)
+                accept = acceptance(summary, runs)
                 payload = {
                     "benchmark": "defaults_transfer", "quick": args.quick,
                     "epochs": epochs, "train_images": len(train[0]), "test_images": len(xt),
@@ -343,13 +414,8 @@ def main(argv=None):
                                        f"cost <= {MAX_FP32_COST} pt",
                     "defaults": {row: repr(parse_row(row)[1]) for row in ROWS if row != "plain"},
                     "summary": summary, "acceptance": accept, "runs": runs,
-                    "table": table(summary, accept, header=(
-                        f"test accuracy %, mean ± std over {seeds} seed(s); {len(train[0]):,} "
-                        f"training images × {epochs} epochs, Adam 1e-3, batch 128; weights-only "
-                        "PTQ (activations float), BatchNorm folded, pt = per-tensor, pc = "
-                        "per-channel;\nBatchNorm statistics re-estimated on 2,048 training "
-                        "images after training ('FP32 mov.': FP32 before, with the moving "
-                        "statistics as trained)")),
+                    "table": table(summary, accept,
+                                   header=_header(seeds, len(train[0]), epochs)),
                     "wall_seconds": time.time() - start + (kept["wall_seconds"] if args.add_to
                                                             else 0.0),
                     "loadavg_1min": float(np.mean(loads)),
@@ -359,6 +425,31 @@ def main(argv=None):
     print(payload["table"])
     print(f"wall time {payload['wall_seconds'] / 60:.1f} min, mean load "
           f"{payload['loadavg_1min']:.2f}; wrote {path}")
+
+
+def _header(seeds: int, n_train: int, epochs: int) -> str:
+    return (f"test accuracy %, mean ± std over {seeds} seed(s); {n_train:,} training images × "
+            f"{epochs} epochs, Adam 1e-3, batch 128; weights-only PTQ (activations float), "
+            "BatchNorm folded, pt = per-tensor, pc = per-channel;\nFP32 cost and W3pt gain "
+            "against plain: mean ± standard error of the same-seed differences; BatchNorm "
+            "statistics re-estimated on 2,048 training images after training ('FP32 mov.': "
+            "FP32 before, with the moving statistics as trained)")
+
+
+def render(path: str) -> dict:
+    """Recompute the summary, acceptance and table of a stored results file from its per-seed
+    runs (no training) and rewrite it; returns the payload."""
+    import json
+
+    with open(path) as f:
+        payload = json.load(f)
+    payload["summary"] = summarize(payload["runs"])
+    payload["acceptance"] = acceptance(payload["summary"], payload["runs"])
+    payload["table"] = table(payload["summary"], payload["acceptance"], header=_header(
+        payload["seeds"], payload["train_images"], payload["epochs"]))
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    return payload
 
 
 def _write(path: str, payload: dict) -> str:

@@ -80,6 +80,33 @@ def _step_time_table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def _added_commands(d: dict, command: str, fname: str) -> list:
+    """The ``--add-to`` commands that added ``d["added_rows"]``: one per set of architectures
+    the rows were run on (read off the stored runs), so each can be rerun as printed."""
+    tokens, base, skip = command.split(), [], False
+    for i, t in enumerate(tokens):  # the base command without its --out and --archs
+        if t in ("--out", "--archs"):
+            skip = True
+            continue
+        if skip and not t.startswith("--"):
+            continue
+        skip = False
+        base.append(t)
+    archs_in_file = list(d["runs"])
+    groups: dict = {}
+    for row in d["added_rows"]:
+        archs = tuple(a for a in archs_in_file if row in d["runs"][a])
+        groups.setdefault(archs, []).append(row)
+    base_has_archs = "--archs" in tokens
+    out = []
+    for archs, rows in groups.items():
+        archs_arg = (f" --archs {' '.join(archs)}"
+                     if base_has_archs or list(archs) != archs_in_file else "")
+        out.append(f"{base[0]} {base[1]}{archs_arg}{''.join(' ' + t for t in base[2:])} "
+                   f"--rows {' '.join(rows)} --add-to {fname}")
+    return out
+
+
 def render() -> str:
     out = [START, ""]
     for fname, title, command in SECTIONS:
@@ -92,8 +119,7 @@ def render() -> str:
             d = json.load(f)
         table = d.get("table") or (_step_time_table(d) if "rows" in d else "")
         if d.get("added_rows"):  # rows run later beside the kept ones (`--add-to`)
-            command += (f"`, then `{command.split(' --out ')[0]} --rows "
-                        f"{' '.join(d['added_rows'])} --add-to {fname}")
+            command += "".join(f"`, then `{c}" for c in _added_commands(d, command, fname))
         out += [f"### {title}", "", f"`{command}` — {_describe(d)}.", "", "```", table.rstrip(),
                 "```", ""]
     out.append(END)

@@ -284,6 +284,39 @@ def test_benchmark_defaults_transfer_quick(data_dir):
     _acc_ok(g["fp32"])
     cost = merged["summary"]["mlp"]["plain"]["fp32"]["mean"] - 100 * g["fp32"]
     assert merged["acceptance"]["mlp"]["gradient_l1"]["fp32_cost_pt"] == pytest.approx(cost)
+    # a +frozen_state row: the margin stays at its initial value through training
+    out, t0 = _run("benchmarks/defaults_transfer.py", data_dir, 600, "--archs", "mlp",
+                   "--rows", "margin+frozen_state", "--add-to", added)
+    with open(_fresh_file(os.path.join(RESULTS, added), t0)) as f:
+        frozen = json.load(f)
+    (m,) = frozen["runs"]["mlp"]["margin+frozen_state"]
+    assert m["frozen_state_drift"] == 0.0 and m["regularizer"]["class"] == "Margin"
+    _acc_ok(m["fp32"])
+
+
+def test_benchmark_defaults_transfer_render_paired_se(tmp_path):
+    """--render recomputes the tables from per-seed runs; the cost's standard error is that of
+    the same-seed differences (NumPy), not of the two rows' spreads."""
+    rng = __import__("numpy").random.default_rng(0)
+    plain = [{"fp32": 0.80 + 0.05 * i, "W4pt": 0.7, "W3pt": 0.6 + 0.01 * i, "W3pc": 0.6,
+              "fp32_trained_stats": 0.8} for i in range(4)]
+    shifts = rng.normal(-0.01, 0.002, 4)
+    margin = [dict(r, fp32=r["fp32"] + d, W3pt=r["W3pt"] + 2 * d) for r, d in zip(plain, shifts)]
+    path = tmp_path / "stored.json"
+    path.write_text(json.dumps({"runs": {"mlp": {"plain": plain, "margin": margin}},
+                                "seeds": 4, "train_images": 100, "epochs": 1}))
+    out, _ = _run("benchmarks/defaults_transfer.py", "/nonexistent", 120, "--render", str(path))
+    res = json.loads(path.read_text())
+    a = res["acceptance"]["mlp"]["margin"]
+    import numpy as np
+    diffs = -100 * shifts
+    assert a["fp32_cost_pt"] == pytest.approx(diffs.mean())
+    assert a["fp32_cost_se"] == pytest.approx(diffs.std(ddof=1) / 2.0)
+    assert a["w3pt_gain_se"] == pytest.approx(2 * diffs.std(ddof=1) / 2.0)
+    # the unpaired spread is 50x larger: the table shows the paired one
+    assert np.std([100 * r["fp32"] for r in margin], ddof=1) > 20 * a["fp32_cost_se"]
+    assert f"{a['fp32_cost_pt']:+.1f}±{a['fp32_cost_se']:.1f}" in res["table"]
+    assert res["table"] in out
 
 
 def test_benchmark_bnn_quick(data_dir):
@@ -382,3 +415,37 @@ def test_benchmark_step_time_quick(data_dir):
     assert rows.get("keras_fit", ("", ""))[1] == "1.00", out[-2000:]
     assert {"exact_wa", "fd_wa", "lazy4_fd_wa", "handwritten_exact_w"} <= set(rows), rows
     assert all(float(a) > 0 and float(b) > 0 for a, b in rows.values()), rows
+
+
+def test_benchmark_bnn_convergence_render_orders(tmp_path):
+    """--render decides orders by a paired t-test over seeds: a difference every seed shows by
+    the same amount is decided, one that flips sign between seeds is not."""
+    quantizers = ["ste_sign", "approx_sign"]
+    choice = {"ste_sign": {"width": 1.0, "strength": 3e-6},
+              "approx_sign": {"width": None, "strength": 3e-6}}
+    base = [0.80, 0.83, 0.81]
+    runs = {}
+    for seed in range(3):
+        b = base[seed]
+        curves = {("ste_sign", None): [b, b + 0.010, b + 0.020],
+                  ("approx_sign", None): [b, b + 0.000, b + 0.0100],        # 1 pt below, every seed
+                  ("ste_sign", 3e-6): [b, b + 0.010 + (0.02 if seed % 2 else -0.02), b + 0.02],
+                  ("approx_sign", 3e-6): [b, b, b + 0.010]}
+        for (q, s), c in curves.items():
+            runs[f"final|{q}|{choice[q]['width']}|{s}|{seed}"] = {
+                "curve": c, "final": c[-1], "mean_abs_latent": 0.05}
+    path = tmp_path / "bnn.json"
+    path.write_text(json.dumps({"runs": runs, "choice": choice, "settings": {"seeds": 3},
+                                "tuning": {"width": {}, "strength": {}}}))
+    out, _ = _run("benchmarks/bnn_convergence.py", "/nonexistent", 120, "--render", str(path))
+    res = json.loads(path.read_text())["summary"]
+    last = res["decided_last_epochs"][-1]
+    assert last["epoch"] == 3
+    assert last["plain_pairs"] == {"ste_sign vs approx_sign": ">"}
+    assert last["regularized_vs_plain"] == {"ste_sign": "≈", "approx_sign": "≈"}  # equal at ep 3
+    middle = res["decided_last_epochs"][1]["regularized_vs_plain"]
+    assert middle == {"ste_sign": "≈", "approx_sign": "≈"}  # ±2 pt flips: not decided
+    assert res["orders_last_3_epochs_mean"]["plain_pairs"] == {"ste_sign vs approx_sign": ">"}
+    assert res["max_change_last_3_epochs"] == pytest.approx(0.02)
+    assert res["decided_ranking_stable"] is False  # epoch 1: all equal, not decided
+    assert "ste_sign > approx_sign" in out

@@ -190,7 +190,7 @@ def test_learnable_regularizer_in_a_keras3_layer_gets_keras3_state(first):
         "import keras as keras3\nimport tfqreg\n"
     code = imports + """
 import numpy as np
-layer = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.Margin(normalize="none"))
+layer = keras3.layers.Dense(4, kernel_regularizer=tfqreg.regularizers.Margin(l=0.01, normalize="none"))
 layer.build((None, 3))
 m = [w for w in layer.weights if w.name == "kernel_margin"][0]
 k = np.abs(layer.kernel.numpy())

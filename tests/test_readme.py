@@ -21,3 +21,20 @@ def test_readme_results_block_matches_the_results_files():
     with open(os.path.join(RESULTS, "robustness.json")) as f:
         robustness = json.load(f)
     assert robustness["table"].strip() in block
+
+
+def test_report_add_to_commands_follow_the_stored_runs():
+    # rows added on a subset of the architectures get their own command, with that --archs
+    spec = importlib.util.spec_from_file_location("bench_report",
+                                                  os.path.join(REPO, "benchmarks", "report.py"))
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    d = {"runs": {"a": {"plain": [], "x": [], "y": []}, "b": {"plain": [], "x": []}},
+         "added_rows": ["x", "y"]}
+    base = "python benchmarks/defaults_transfer.py --seeds 5 --out f.json"
+    assert report._added_commands(d, base, "f.json") == [
+        "python benchmarks/defaults_transfer.py --seeds 5 --rows x --add-to f.json",
+        "python benchmarks/defaults_transfer.py --archs a --seeds 5 --rows y --add-to f.json"]
+    base = "python benchmarks/defaults_transfer.py --archs a b --seeds 5 --out f.json"
+    assert report._added_commands(d, base, "f.json")[0] == (
+        "python benchmarks/defaults_transfer.py --archs a b --seeds 5 --rows x --add-to f.json")

@@ -58,6 +58,20 @@ _SUM_WARN_LAMBDA = 1e-3  # gradient-ℓ1 (sum) at or above this from step 0 tend
 _FROZEN_NAMES = set(_KERNEL_NAMES) | {"bias", "embeddings", "gamma", "beta"}
 
 
+@tf.custom_gradient
+def _abs_sum(g):
+    """``Σ|g|``, whose gradient ``dy·sign(g)`` multiplies by the scalar ``dy`` directly.
+
+    Same values as ``reduce_sum(abs(g))``, whose registered gradient first broadcasts ``dy`` to
+    ``g``'s shape (a Tile the size of ``g``); on a conv net's activation gradients, millions of
+    elements per tensor, that pass is a measurable part of the step.
+    """
+    def grad(dy):
+        return dy * tf.sign(g)
+
+    return tf.reduce_sum(tf.abs(g)), grad
+
+
 def _random_layer_types() -> tuple:
     """Keras 2 and Keras 3 layers whose training-mode forward pass draws random numbers."""
     return _layer_types((
@@ -118,9 +132,10 @@ class GradientL1(_Term):
             configs carry theirs, so a model saved with the old default keeps ``"sum"``.
         bits: the grid of ``reduction="step"`` (2..16).
         method: ``"exact"`` (double backprop, the default) or ``"finite_difference"`` (one
-            extra pass: 2.08 plain steps against 2.63 on the benchmark CNN, weights and
-            activations; its accuracy-vs-bits was within the 2-seed noise of the exact form on
-            most columns, not all, so it is not the default).
+            extra forward and backward pass instead of a second-order one: about 2.2 plain
+            steps against 3.2 on the benchmark CNN, weights and activations, in
+            ``benchmarks/step_time.py``; its accuracy-vs-bits was within the 2-seed noise of
+            the exact form on most columns, not all, so it is not the default).
         every: compute the term every ``every``-th step, scaled by ``every`` (1: every step).
         epsilon: relative size of the finite-difference perturbation (``(0, 0.5]``).
 
@@ -239,7 +254,7 @@ class GradientL1(_Term):
                 inv = tf.math.divide_no_nan(tf.ones_like(scale), scale)
                 g = tf.cast(fold.fold_kernel(info[0], g, inv), g.dtype)
                 w = fold.fold_kernel(info[0], k, scale)
-            s = tf.reduce_sum(tf.abs(g))
+            s = _abs_sum(g)
             if self.reduction == "mean":
                 s = s / n
             elif self.reduction == "step":
@@ -248,22 +263,32 @@ class GradientL1(_Term):
             terms.append(s)
         return tf.add_n(terms) if terms else tf.constant(0.0)
 
-    def _norm_a(self, grads, activations) -> tf.Tensor:
-        """``Σ_l c_l ‖∇_{a_l} L‖₁`` for the recorded activations and their gradients."""
-        terms = []
+    def _coefs_a(self, grads, activations) -> List[tf.Tensor]:
+        """The per-tensor factors ``c_l`` of the activation term (``reduction``): 1 (sum), one
+        over the elements per example (mean), half the ``bits``-bit step of the activation's
+        range (step; no gradient flows through the range)."""
+        coefs = []
         levels = float(2 ** self.bits - 1)
         for g, a in zip(grads, activations):
-            s = tf.reduce_sum(tf.abs(g))
+            dtype = g.dtype
             if self.reduction == "mean":
                 per_example = (int(np.prod(g.shape[1:]))
                                if g.shape.rank and g.shape[1:].is_fully_defined() else None)
-                s = s / float(per_example) if per_example else s / tf.cast(
-                    tf.reduce_prod(tf.shape(g)[1:]), s.dtype)
+                c = (tf.constant(1.0 / per_example, dtype) if per_example else
+                     1.0 / tf.cast(tf.reduce_prod(tf.shape(g)[1:]), dtype))
             elif self.reduction == "step":
-                a = tf.stop_gradient(tf.cast(a, s.dtype))
+                a = tf.stop_gradient(tf.cast(a, dtype))
                 span = tf.maximum(tf.reduce_max(a), 0.0) - tf.minimum(tf.reduce_min(a), 0.0)
-                s = 0.5 * (span / levels) * s
-            terms.append(s)
+                c = 0.5 * (span / levels)
+            else:
+                c = tf.constant(1.0, dtype)
+            coefs.append(c)
+        return coefs
+
+    def _norm_a(self, grads, activations, coefs=None) -> tf.Tensor:
+        """``Σ_l c_l ‖∇_{a_l} L‖₁`` for the recorded activations and their gradients."""
+        coefs = self._coefs_a(grads, activations) if coefs is None else coefs
+        terms = [c * _abs_sum(g) for g, c in zip(grads, coefs)]
         return tf.add_n(terms) if terms else tf.constant(0.0)
 
     def _check_attached(self):
@@ -351,14 +376,18 @@ class GradientL1(_Term):
         g_acts = [tf.convert_to_tensor(g) for g in g_acts]
         dtype = task.dtype
         # the perturbation directions are the derivatives of the norms w.r.t. the gradients
-        with tf.GradientTape(persistent=True) as dt:
-            dt.watch(g_w + g_acts)
+        with tf.GradientTape() as dt:
+            dt.watch(g_w)
             norm_w = tf.cast(self._norm_w(g_w), dtype) if g_w else tf.zeros([], dtype)
-            norm_a = tf.cast(self._norm_a(g_acts, acts), dtype) if g_acts else tf.zeros([], dtype)
         dir_w = dt.gradient(norm_w, g_w, unconnected_gradients=zero) if g_w else []
-        dir_a = dt.gradient(norm_a, g_acts, unconnected_gradients=zero) if g_acts else []
         del dt
-        t = self._fd_scale(kernels, dir_w, acts, dir_a, dtype)
+        # the activations' directions in closed form, c_l·sign(g_l) (the derivative of
+        # c_l·Σ|g_l|): one sign per element, scaled below together with the step size
+        coefs_a = self._coefs_a(g_acts, acts)
+        norm_a = (tf.cast(self._norm_a(g_acts, acts, coefs_a), dtype) if g_acts
+                  else tf.zeros([], dtype))
+        signs_a = [tf.sign(g) for g in g_acts]
+        t = self._fd_scale(kernels, dir_w, acts, signs_a, coefs_a, dtype)
         # second pass at W + t·λ_w·v_w, activations + t·λ_a·v_a; then restore the state
         state = [v for v in model.non_trainable_variables
                  if _short_name(v) not in _FROZEN_NAMES] + list(protect)
@@ -368,8 +397,8 @@ class GradientL1(_Term):
         eps_a = tf.cast(t * self.lambda_a, dtype)
         _assign(kernels, [w + tf.cast(eps_w, w.dtype) * tf.cast(d, w.dtype)
                           for w, d in zip(saved_w, dir_w)])
-        offsets = iter([tf.stop_gradient(tf.cast(eps_a, a.dtype) * tf.cast(d, a.dtype))
-                        for a, d in zip(acts, dir_a)])
+        offsets = iter([tf.stop_gradient(tf.cast(eps_a * c, a.dtype) * tf.cast(sg, a.dtype))
+                        for a, sg, c in zip(acts, signs_a, coefs_a)])
         offsets = [next(offsets) if c else None for c in connected]
         with tf.GradientTape() as tape2, _recording(tape2, act_layers, offsets=offsets) as rec2:
             task2, _ = forward_fn()
@@ -390,8 +419,9 @@ class GradientL1(_Term):
             out.append(g)
         return out, task, y_pred, extra, norm_w, norm_a
 
-    def _fd_scale(self, kernels, dir_w, acts, dir_a, dtype) -> tf.Tensor:
-        """``t`` with ``RMS(t·λ_w·v_w) = epsilon·RMS(W)`` (or the activations' analogue)."""
+    def _fd_scale(self, kernels, dir_w, acts, signs_a, coefs_a, dtype) -> tf.Tensor:
+        """``t`` with ``RMS(t·λ_w·v_w) = epsilon·RMS(W)`` (or the activations' analogue, with
+        ``v_a = c_l·sign(g_l)``)."""
         def ratio(xs, ds):
             num = tf.add_n([tf.reduce_sum(tf.square(tf.cast(x, dtype))) for x in xs])
             den = tf.add_n([tf.reduce_sum(tf.square(tf.cast(d, dtype))) for d in ds])
@@ -399,7 +429,8 @@ class GradientL1(_Term):
         if kernels:
             r = ratio(kernels, dir_w) / self.lambda_w
         else:
-            r = ratio(acts, dir_a) / self.lambda_a
+            r = ratio(acts, [tf.cast(c, dtype) * tf.cast(sg, dtype)
+                             for sg, c in zip(signs_a, coefs_a)]) / self.lambda_a
         r = tf.where(r > 0, r, tf.ones_like(r))  # all-zero directions: any t gives 0
         return tf.stop_gradient(self.epsilon * r)
 
