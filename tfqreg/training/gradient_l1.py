@@ -397,7 +397,8 @@ class GradientL1(_Term):
         eps_a = tf.cast(t * self.lambda_a, dtype)
         _assign(kernels, [w + tf.cast(eps_w, w.dtype) * tf.cast(d, w.dtype)
                           for w, d in zip(saved_w, dir_w)])
-        offsets = iter([tf.stop_gradient(tf.cast(eps_a * c, a.dtype) * tf.cast(sg, a.dtype))
+        offsets = iter([tf.stop_gradient((tf.cast(eps_a, a.dtype) * tf.cast(c, a.dtype))
+                                         * tf.cast(sg, a.dtype))
                         for a, sg, c in zip(acts, signs_a, coefs_a)])
         offsets = [next(offsets) if c else None for c in connected]
         with tf.GradientTape() as tape2, _recording(tape2, act_layers, offsets=offsets) as rec2:
