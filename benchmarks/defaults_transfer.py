@@ -232,13 +232,24 @@ def _with_se(value: float, se) -> str:
     return f"{cell:>13}"
 
 
+def _row_order(spec: str):
+    """plain, the default rows, gradient_l1, then the others by regularizer and strength."""
+    if spec in ROWS:
+        return (0, ROWS.index(spec), "", 0.0)
+    if spec == "gradient_l1":
+        return (1, 0, "", 0.0)
+    name, _, args = spec.partition(":")
+    strength = _kwargs(args.replace(FROZEN, "")).get("l", -1.0) if args else -1.0
+    return (2, 0, name.replace(FROZEN, ""), strength if isinstance(strength, float) else -1.0)
+
+
 def table(summary, accept, header: str = "") -> str:
     lines = [header] if header else []
     width = max([14] + [len(spec) + 1 for rows in summary.values() for spec in rows])
     lines += [f"{'architecture':<13}{'row':<{width}}" + "".join(f"{c:>12}" for c in COLUMNS)
              + f"{'FP32 cost':>13}{'W3pt gain':>13}  ok{'FP32 mov.':>12}"]
     for arch, rows in summary.items():
-        for spec, r in rows.items():
+        for spec, r in sorted(rows.items(), key=lambda kv: _row_order(kv[0])):
             cells = "".join(f"{r[c]['mean']:>7.1f} ±{r[c]['std']:>4.1f}" for c in COLUMNS)
             moving = r["fp32_trained_stats"]
             moving = f"{moving['mean']:>7.1f} ±{moving['std']:>4.1f}"
@@ -380,7 +391,9 @@ def main(argv=None):
             raise SystemExit(f"--add-to {args.add_to}: it has epochs {kept['epochs']}, "
                              f"{kept['train_images']} images, {kept['seeds']} seeds; this run "
                              f"{epochs}, {n_train}, {seeds}: the rows would not be comparable")
-        runs = {a: {**{s: rs for s, rs in rows.items() if s not in args.rows},
+        # the kept runs, less the rows this run redoes on its own architectures
+        runs = {a: {**{s: rs for s, rs in rows.items()
+                       if not (a in args.archs and s in args.rows)},
                     **runs.get(a, {})}
                 for a, rows in kept["runs"].items()}
         runs.update({a: rows for a, rows in

@@ -285,13 +285,19 @@ def test_benchmark_defaults_transfer_quick(data_dir):
     cost = merged["summary"]["mlp"]["plain"]["fp32"]["mean"] - 100 * g["fp32"]
     assert merged["acceptance"]["mlp"]["gradient_l1"]["fp32_cost_pt"] == pytest.approx(cost)
     # a +frozen_state row: the margin stays at its initial value through training
+    # (and plain redone on mlp only: the other architectures keep their plain rows, and the
+    # redone one equals the first, the same seed giving the same run)
     out, t0 = _run("benchmarks/defaults_transfer.py", data_dir, 600, "--archs", "mlp",
-                   "--rows", "margin+frozen_state", "--add-to", added)
+                   "--rows", "plain", "margin+frozen_state", "--add-to", added)
     with open(_fresh_file(os.path.join(RESULTS, added), t0)) as f:
         frozen = json.load(f)
     (m,) = frozen["runs"]["mlp"]["margin+frozen_state"]
     assert m["frozen_state_drift"] == 0.0 and m["regularizer"]["class"] == "Margin"
     _acc_ok(m["fp32"])
+    for arch in archs:
+        assert list(frozen["runs"][arch])[:len(rows)] == rows or arch == "mlp"
+        assert frozen["runs"][arch]["plain"][0]["fp32"] == res["runs"][arch]["plain"][0]["fp32"]
+    assert set(frozen["runs"]["mlp"]) == set(rows) | {"gradient_l1", "margin+frozen_state"}
 
 
 def test_benchmark_defaults_transfer_render_paired_se(tmp_path):
