@@ -44,7 +44,8 @@ SECTIONS = (
      "python benchmarks/defaults_transfer.py --archs small_cnn mlp --seeds 5 "
      "--out defaults_transfer_bn_free_5seeds.json"),
     ("bnn_convergence.json", "Binary networks trained to convergence (benchmark 2b)",
-     "python benchmarks/bnn_convergence.py --train-size 15000 --tune-epochs 2 --epochs 20"),
+     "python benchmarks/bnn_convergence.py --train-size 15000 --tune-epochs 2 --epochs 20 "
+     "--seeds 3 --resume"),
 )
 
 #: sections left out of the README (instead of "Not run yet") until their full run exists
