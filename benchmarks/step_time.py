@@ -218,7 +218,6 @@ def main(argv=None) -> int:
         for name, (_, fn, it) in prepared.items():
             times[name].append(time_run(fn, it, steps))
     base = statistics.median(times[BASE])
-    fit = statistics.median(times["keras_fit"])
     for name, ts in times.items():
         med = statistics.median(ts)
         # the median of the per-round ratios: a round's configurations ran back to back, so a
