@@ -380,6 +380,6 @@ def test_learnable_msqe_configs_without_folded_step_load_as_absolute():
 def test_documented_defaults_are_the_constructors():
     term = training.GradientL1()
     assert (term.lambda_w, term.lambda_a, term.reduction, term.bits, term.method, term.every,
-            term.epsilon) == (3e-3, 3e-3, "step", 4, "exact", 1, 1e-3)
+            term.epsilon) == (1e-3, 1e-3, "step", 4, "exact", 1, 1e-3)
     doc = training.GradientL1.__doc__
-    assert "Default 3e-3 on the ``\"step\"`` scale" in doc and "``\"step\"`` (default)" in doc
+    assert "Default 1e-3 on the ``\"step\"`` scale" in doc and "``\"step\"`` (default)" in doc
