@@ -118,10 +118,6 @@ def ranking(means: Dict[str, float]) -> List[str]:
     return [k for k, _ in sorted(means.items(), key=lambda kv: -kv[1])]
 
 
-#: two-sided 95 % Student t quantiles for n − 1 = 1..9 degrees of freedom (then ≈ 2.0)
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
-
-
 def _score(run: dict, epoch) -> float:
     """Test accuracy after ``epoch`` (0-based), or with ``epoch="tail"`` the mean over the last
     three epochs (less evaluation noise than one epoch's)."""
@@ -135,14 +131,7 @@ def order(a: List[dict], b: List[dict], epoch) -> str:
     ``"tail"``: see :func:`_score`), decided by a paired t-test at 95 % (two-sided) on the
     same-seed differences; one seed decides nothing. The rows share seeds: the same seed gives
     the same initialisation and data order up to the quantizer."""
-    n = min(len(a), len(b))
-    if n < 2:
-        return "≈"
-    d = np.array([_score(a[s], epoch) - _score(b[s], epoch) for s in range(n)])
-    se = d.std(ddof=1) / np.sqrt(n)
-    if abs(d.mean()) > _T95.get(n - 1, 2.0) * se and d.mean() != 0:
-        return ">" if d.mean() > 0 else "<"
-    return "≈"
+    return common.paired_order([_score(r, epoch) for r in a], [_score(r, epoch) for r in b])
 
 
 def summarize(runs: Dict[str, dict], choice: dict, quantizers, seeds: int) -> dict:
@@ -300,15 +289,16 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.render:
         path = args.render if os.path.isabs(args.render) else os.path.join(RESULTS, args.render)
-        with open(path) as f:
-            payload = json.load(f)
-        quantizers = [q for q in WIDTHS if q in payload["choice"]]
-        payload["summary"] = summarize(payload["runs"], payload["choice"], quantizers,
-                                       payload["settings"]["seeds"])
-        payload["table"] = table(payload["tuning"], payload["choice"], payload["summary"],
-                                 quantizers)
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=2)
+
+        def update(payload):
+            quantizers = [q for q in WIDTHS if q in payload["choice"]]
+            payload["summary"] = summarize(payload["runs"], payload["choice"], quantizers,
+                                           payload["settings"]["seeds"])
+            payload["table"] = table(payload["tuning"], payload["choice"], payload["summary"],
+                                     quantizers)
+            return payload
+
+        payload = common.rewrite_json(path, update)
         print(payload["table"])
         return payload["summary"]
     if args.quick:

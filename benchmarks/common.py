@@ -7,7 +7,7 @@ import os
 import platform
 import sys
 import time
-from typing import Dict
+from typing import Callable, Dict, Optional
 
 import numpy as np
 
@@ -47,6 +47,45 @@ def mean_std(values) -> Dict[str, float]:
     a = np.asarray(values, dtype=float)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
             "n": int(a.size)}
+
+
+#: two-sided 95 % Student t quantiles for 1..9 degrees of freedom (then ≈ 2.0)
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def paired_difference(a, b) -> Optional[Dict[str, float]]:
+    """Mean, standard error and count of the same-seed differences ``a[i] − b[i]``, over the
+    seeds both ran (the shorter list), or ``None`` below two pairs.
+
+    Runs from one seed share the initialisation and the data order, so their differences vary
+    far less than either run does over seeds: this is the spread that tells an effect from seed
+    noise, not the two rows' own standard deviations.
+    """
+    d = np.asarray(a[:len(b)], dtype=float) - np.asarray(b[:len(a)], dtype=float)
+    if d.size < 2:
+        return None
+    return {"mean": float(d.mean()), "se": float(d.std(ddof=1) / np.sqrt(d.size)),
+            "n": int(d.size)}
+
+
+def paired_order(a, b) -> str:
+    """``">"``, ``"<"`` or ``"≈"``: ``a`` against ``b`` by a paired two-sided t-test at 95 % on
+    the same-seed differences (:func:`paired_difference`); one pair decides nothing."""
+    p = paired_difference(a, b)
+    if p is None or p["mean"] == 0 or abs(p["mean"]) <= T95.get(p["n"] - 1, 2.0) * p["se"]:
+        return "≈"
+    return ">" if p["mean"] > 0 else "<"
+
+
+def rewrite_json(path: str, update: Callable[[dict], dict]) -> dict:
+    """Load a stored results file, ``payload = update(payload)`` (recomputing what derives from
+    its runs), write it back in place; returns the payload (the ``--render`` mode)."""
+    with open(path) as f:
+        payload = json.load(f)
+    payload = update(payload)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2, default=float)
+    return payload
 
 
 def write_json(name: str, payload: dict) -> str:

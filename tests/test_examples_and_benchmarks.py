@@ -242,7 +242,7 @@ def test_benchmark_defaults_transfer_quick(data_dir):
     with open(_fresh_file(os.path.join(RESULTS, "defaults_transfer_quick.json"), t0)) as f:
         res = json.load(f)
     archs = ["small_cnn", "ds_cnn", "resnet_small", "mlp"]
-    rows = ["plain", "linf", "margin", "soft_min_max", "foothill"]
+    rows = ["plain", "linf", "margin", "soft_min_max", "foothill", "msqe", "partial_l2"]
     assert list(res["runs"]) == archs and res["quick"] is True and res["epochs"] == 1
     assert res["seeds"] == res["seeds_done"] == 1 and res["test_images"] == 1000
     assert res["wall_seconds"] > 0 and "cpu_count" in res["machine"]
@@ -323,6 +323,29 @@ def test_benchmark_defaults_transfer_render_paired_se(tmp_path):
     assert np.std([100 * r["fp32"] for r in margin], ddof=1) > 20 * a["fp32_cost_se"]
     assert f"{a['fp32_cost_pt']:+.1f}±{a['fp32_cost_se']:.1f}" in res["table"]
     assert res["table"] in out
+
+
+def test_benchmark_defaults_transfer_judges_each_row_on_its_own_grid(tmp_path):
+    """A range row must gain at per-tensor W3, MSQE at its own bit width, the shrinkages only
+    keep FP32: a W4-only gain passes MSQE (4 bits) and fails L∞ and MSQE at 3 bits; a loss at
+    both widths still passes partial L2; an FP32 cost over 0.5 pt fails every row."""
+    base = {"fp32": 0.85, "W4pt": 0.80, "W3pt": 0.60, "W3pc": 0.7, "fp32_trained_stats": 0.85}
+    w4_only = dict(base, W4pt=0.82, W3pt=0.58)
+    worse = dict(base, W4pt=0.70, W3pt=0.50)
+    costly = dict(base, fp32=0.84, W4pt=0.83, W3pt=0.65)
+    rows = {"plain": [base], "linf": [w4_only], "msqe": [w4_only], "msqe:bits=3": [w4_only],
+            "partial_l2": [worse], "foothill": [costly], "soft_min_max": [costly]}
+    path = tmp_path / "stored.json"
+    path.write_text(json.dumps({"runs": {"mlp": rows}, "seeds": 1, "train_images": 100,
+                                "epochs": 1}))
+    out, _ = _run("benchmarks/defaults_transfer.py", "/nonexistent", 120, "--render", str(path))
+    acc = json.loads(path.read_text())["acceptance"]["mlp"]
+    assert {row: (a["judged_on"], a["ok"]) for row, a in acc.items()} == {
+        "linf": ("W3pt", False), "msqe": ("W4pt", True), "msqe:bits=3": ("W3pt", False),
+        "partial_l2": (None, True), "foothill": (None, False), "soft_min_max": ("W3pt", False)}
+    assert acc["msqe"]["w4pt_gain_pt"] == pytest.approx(2.0)
+    assert acc["msqe"]["w3pt_gain_pt"] == pytest.approx(-2.0)
+    assert acc["foothill"]["fp32_cost_pt"] == pytest.approx(1.0)
 
 
 def test_benchmark_bnn_quick(data_dir):
