@@ -284,6 +284,44 @@ def table(summary, accept, header: str = "") -> str:
     return "\n".join(lines)
 
 
+def compare(runs, a: str, b: str) -> Dict[str, dict]:
+    """Row ``a`` against row ``b`` on each architecture that has both: per column, the mean and
+    standard error of the same-seed differences (pt) and the paired t-test's order (``">"``,
+    ``"<"``, ``"≈"``). E.g. a fast gradient-ℓ1 form against the exact one."""
+    out = {}
+    for arch, rows in runs.items():
+        if a in rows and b in rows and rows[a] and rows[b]:
+            out[arch] = {}
+            for c in COLUMNS:
+                xa = [100 * r[c] for r in rows[a]]
+                xb = [100 * r[c] for r in rows[b]]
+                p = common.paired_difference(xa, xb)
+                n = min(len(xa), len(xb))
+                out[arch][c] = {"mean": p["mean"] if p else float(np.mean(xa[:n]) - np.mean(xb[:n])),
+                                "se": p["se"] if p else None, "n": n,
+                                "order": common.paired_order(xa, xb)}
+    return out
+
+
+def comparison_table(runs, pairs) -> str:
+    """One block per ``[a, b]`` pair of :func:`compare`: ``a − b`` per column, ± the paired
+    standard error, with the t-test's verdict."""
+    lines = []
+    for a, b in pairs:
+        result = compare(runs, a, b)
+        if not result:
+            continue
+        lines += ["", f"{a} − {b}: same-seed differences, pt (mean ± standard error; "
+                      "'>'/'<' decided by a paired t-test at 95 %, '≈' not decided)",
+                  f"{'architecture':<13}{'seeds':>6}" + "".join(f"{c:>16}" for c in COLUMNS)]
+        for arch, cols in result.items():
+            cells = "".join(
+                f"{_with_se(v['mean'], v['se']).strip() + ' ' + v['order']:>16}"
+                for v in cols.values())
+            lines.append(f"{arch:<13}{cols['fp32']['n']:>6}{cells}")
+    return "\n".join(lines)
+
+
 # ----------------------------------------------------------------------------- diagnostic
 def _kernels(model):
     out = []
@@ -372,6 +410,9 @@ def main(argv=None):
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only recompute the tables of a stored results file (a name under "
                         "benchmarks/results) from its per-seed runs, and rewrite it")
+    p.add_argument("--compare", nargs=2, action="append", metavar=("ROW_A", "ROW_B"),
+                   help="with --render: also show ROW_A − ROW_B, same-seed differences on every "
+                        "architecture that has both (kept in the file; repeatable)")
     p.add_argument("--gradients", action="store_true",
                    help="only the diagnostic: penalty vs task gradient per kernel "
                         "(writes defaults_transfer_gradients.json)")
@@ -379,8 +420,10 @@ def main(argv=None):
     if args.render:
         path = (args.render if os.path.isabs(args.render)
                 else os.path.join(common.RESULTS, args.render))
-        print(render(path)["table"])
+        print(render(path, args.compare)["table"])
         return
+    if args.compare:
+        p.error("--compare goes with --render (compare rows of a stored file)")
     if args.gradients:
         (x, y), _ = common.load(quick=args.quick)
         start = time.time()
@@ -401,6 +444,7 @@ def main(argv=None):
     print(f"tfqreg from {tfqreg.__file__}; {len(train[0])} training, {len(xt)} test images, "
           f"{epochs} epochs, seeds {list(range(seeds))}", flush=True)
     runs: Dict[str, Dict[str, List[dict]]] = {a: {s: [] for s in args.rows} for a in args.archs}
+    pairs: list = []  # the row pairs a kept file compares (--add-to keeps them)
     start, loads = time.time(), []
     name = args.out or args.add_to or f"defaults_transfer{'_quick' if args.quick else ''}.json"
     if args.add_to:
@@ -409,6 +453,7 @@ def main(argv=None):
         with open(args.add_to if os.path.isabs(args.add_to)
                   else os.path.join(common.RESULTS, args.add_to)) as f:
             kept = json.load(f)
+        pairs = kept.get("comparisons", [])
         if (kept["epochs"], kept["train_images"], kept["seeds"]) != (epochs, n_train, seeds):
             raise SystemExit(f"--add-to {args.add_to}: it has epochs {kept['epochs']}, "
                              f"{kept['train_images']} images, {kept['seeds']} seeds; this run "
@@ -447,8 +492,10 @@ def main(argv=None):
                     "acceptance_rule": ACCEPTANCE_RULE,
                     "defaults": {row: repr(parse_row(row)[1]) for row in ROWS if row != "plain"},
                     "summary": summary, "acceptance": accept, "runs": runs,
+                    "comparisons": pairs,
                     "table": table(summary, accept,
-                                   header=_header(seeds, len(train[0]), epochs)),
+                                   header=_header(seeds, len(train[0]), epochs))
+                    + comparison_table(runs, pairs),
                     "wall_seconds": time.time() - start + (kept["wall_seconds"] if args.add_to
                                                             else 0.0),
                     "loadavg_1min": float(np.mean(loads)),
@@ -469,15 +516,22 @@ def _header(seeds: int, n_train: int, epochs: int) -> str:
             "FP32 before, with the moving statistics as trained)")
 
 
-def render(path: str) -> dict:
+def render(path: str, comparisons=None) -> dict:
     """Recompute the summary, acceptance and table of a stored results file from its per-seed
-    runs (no training) and rewrite it; returns the payload."""
+    runs (no training) and rewrite it; returns the payload. ``comparisons``: more ``[a, b]``
+    row pairs to show (:func:`comparison_table`) beside the ones the file keeps."""
     def update(payload):
         payload["summary"] = summarize(payload["runs"])
         payload["acceptance"] = acceptance(payload["summary"], payload["runs"])
         payload["acceptance_rule"] = ACCEPTANCE_RULE
+        pairs = payload.get("comparisons", [])
+        for pair in comparisons or []:
+            if list(pair) not in pairs:
+                pairs.append(list(pair))
+        payload["comparisons"] = pairs
         payload["table"] = table(payload["summary"], payload["acceptance"], header=_header(
-            payload["seeds"], payload["train_images"], payload["epochs"]))
+            payload["seeds"], payload["train_images"], payload["epochs"])) + comparison_table(
+                payload["runs"], pairs)
         return payload
 
     return common.rewrite_json(path, update)

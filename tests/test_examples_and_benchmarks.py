@@ -323,6 +323,18 @@ def test_benchmark_defaults_transfer_render_paired_se(tmp_path):
     assert np.std([100 * r["fp32"] for r in margin], ddof=1) > 20 * a["fp32_cost_se"]
     assert f"{a['fp32_cost_pt']:+.1f}±{a['fp32_cost_se']:.1f}" in res["table"]
     assert res["table"] in out
+    # --compare: margin − plain, the same paired differences, kept in the file for later renders
+    out, _ = _run("benchmarks/defaults_transfer.py", "/nonexistent", 120, "--render", str(path),
+                  "--compare", "margin", "plain")
+    res = json.loads(path.read_text())
+    assert res["comparisons"] == [["margin", "plain"]]
+    out, _ = _run("benchmarks/defaults_transfer.py", "/nonexistent", 120, "--render", str(path))
+    res = json.loads(path.read_text())
+    assert res["comparisons"] == [["margin", "plain"]] and "margin − plain" in res["table"]
+    # every seed is lower at FP32 (shifts ~ −1 ± 0.2 pt): decided '<'; W3pt twice that
+    row = next(l for l in res["table"].splitlines() if l.startswith("mlp") and "<" in l)
+    assert f"{-diffs.mean():+.1f}±{a['fp32_cost_se']:.1f} <" in row
+    assert f"{-2 * diffs.mean():+.1f}±{2 * a['fp32_cost_se']:.1f} <" in row
 
 
 def test_benchmark_defaults_transfer_judges_each_row_on_its_own_grid(tmp_path):
