@@ -29,7 +29,7 @@ COMMANDS = (
      "convert a saved Keras model for a deployment target"),
     ("compress", "tfqreg.compression", cli_args.add_compress_arguments,
      "prune -> quantize -> entropy-code a saved model"),
-    ("sweep", "tfqreg.ptq", cli_args.add_sweep_arguments,
+    ("sweep", "tfqreg.ptq.cli", cli_args.add_sweep_arguments,
      "post-training quantization accuracy vs. bit width"),
 )
 """``(name, module with run_cli, add_arguments, help)`` per subcommand."""

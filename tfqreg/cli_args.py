@@ -156,7 +156,7 @@ def add_compress_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``tfqreg sweep`` (:func:`tfqreg.ptq.run_cli`)."""
+    """Arguments of ``tfqreg sweep`` (:func:`tfqreg.ptq.cli.run_cli`)."""
     parser.add_argument("model", help="saved Keras model (.keras, .h5 or SavedModel folder)")
     parser.add_argument("--data", default="fashion_mnist", choices=DATASETS)
     parser.add_argument("--data-dir", default=None,
