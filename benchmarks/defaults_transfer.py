@@ -73,12 +73,16 @@ ARCHS = {"small_cnn": models.small_cnn, "ds_cnn": models.ds_cnn,
 ROWS = ("plain", "linf", "margin", "soft_min_max", "foothill", "msqe", "partial_l2")
 RANGE_ROWS = ("linf", "margin", "soft_min_max")
 COLUMNS = ("fp32", "W4pt", "W3pt", "W3pc")
+#: one-shot magnitude pruning: the float model with the PRUNE_FRACTION smallest-magnitude weights
+#: of every quantizable kernel set to zero (no fine-tuning), the pruning PartialL2 prepares for
+PRUNED, PRUNE_FRACTION = "P50", 0.5
 #: reported beside COLUMNS: FP32 with the moving statistics as trained (before recalibration)
 EXTRA = ("fp32_trained_stats",)
 MAX_FP32_COST = 0.5  # pt
 ACCEPTANCE_RULE = (f"every row: FP32 cost <= {MAX_FP32_COST} pt vs plain (means over seeds); "
                    "range rows and gradient_l1 also W3pt gain > 0, msqe a gain > 0 at its own "
-                   "bit width (W4pt at the default 4 bits); foothill and partial_l2 the cost only")
+                   "bit width (W4pt at the default 4 bits), partial_l2 a P50 gain > 0 (where "
+                   "both rows have P50); foothill the cost only")
 #: training images whose statistics become the BatchNorm moving statistics after training
 RECALIBRATION = 2048
 
@@ -125,11 +129,34 @@ def parse_term(spec: str):
 
 
 def evaluate(model, test) -> Dict[str, float]:
-    """FP32 and weight-only PTQ accuracies (activations float), BatchNorm folded."""
+    """FP32 and weight-only PTQ accuracies (activations float), BatchNorm folded, and the float
+    accuracy after one-shot magnitude pruning (:func:`pruned_accuracy`)."""
     pt = ptq.sweep(model, test, weight_bits=(4, 3), per_channel=False, progress=False)
     pc = ptq.sweep(model, test, weight_bits=(3,), per_channel=True, progress=False)
     return {"fp32": pt.float_accuracy, "W4pt": pt.accuracy(4), "W3pt": pt.accuracy(3),
-            "W3pc": pc.accuracy(3)}
+            "W3pc": pc.accuracy(3), PRUNED: pruned_accuracy(model, test, PRUNE_FRACTION)}
+
+
+def pruned_accuracy(model, test, fraction: float) -> float:
+    """Test accuracy of ``model`` with the ``floor(fraction·N)`` smallest-magnitude weights of
+    each of its N-element quantizable kernels (:func:`tfqreg.ptq.quantizable_layers`, the
+    kernels the regularizers act on) set to zero, as ``prune_low_magnitude`` at that constant
+    sparsity would leave them before any fine-tuning; the weights are restored afterwards."""
+    kernels = [getattr(layer, "depthwise_kernel", None) if isinstance(
+        layer, keras.layers.DepthwiseConv2D) else layer.kernel
+        for layer in ptq.quantizable_layers(model)]
+    saved = [k.numpy() for k in kernels]
+    try:
+        for k, w in zip(kernels, saved):
+            flat = w.reshape(-1).copy()
+            flat[np.argsort(np.abs(flat), kind="stable")[:int(fraction * flat.size)]] = 0.0
+            k.assign(flat.reshape(w.shape))
+        x, y = test
+        pred = model.predict(x, batch_size=1024, verbose=0).argmax(-1)
+        return float(np.mean(pred == np.asarray(y).reshape(-1)))
+    finally:
+        for k, w in zip(kernels, saved):
+            k.assign(w)
 
 
 class _FreezeState(keras.callbacks.Callback):
@@ -187,6 +214,8 @@ def summarize(runs: Dict[str, Dict[str, List[dict]]]) -> Dict[str, Dict[str, dic
             if seeds:
                 out[arch][spec] = {c: mean_std([100 * r[c] for r in seeds])
                                    for c in COLUMNS + EXTRA}
+                if all(PRUNED in r for r in seeds):  # runs from before the column have none
+                    out[arch][spec][PRUNED] = mean_std([100 * r[PRUNED] for r in seeds])
     return out
 
 
@@ -204,13 +233,16 @@ def judged_on(spec: str) -> Optional[str]:
     """The column whose gain over plain a row must show, besides its FP32 cost: per-tensor W3
     for the range rows and gradient-ℓ1, the grid's own bit width for MSQE (``W4pt`` at its
     default 4 bits, ``W3pt`` at 3, ``None`` at widths the table does not evaluate), ``None``
-    for the shrinkages (Foothill, partial L2), which are judged on their FP32 cost only."""
+    for Foothill (judged on its FP32 cost only); for partial L2 at the pruned share the table
+    evaluates, that pruning (``P50``), where both rows were evaluated pruned."""
     name, _, args = spec.replace(FROZEN, "").partition(":")
     if name in RANGE_ROWS + ("gradient_l1",):
         return "W3pt"
     if name == "msqe":
         bits = int(_kwargs(args).get("bits", 4))
         return f"W{bits}pt" if f"W{bits}pt" in COLUMNS else None
+    if name == "partial_l2" and abs(float(_kwargs(args).get("fraction", 0.5)) - PRUNE_FRACTION) < 1e-9:
+        return PRUNED
     return None
 
 
@@ -235,15 +267,17 @@ def acceptance(summary, runs=None) -> Dict[str, Dict[str, dict]]:
             if spec == "plain":
                 continue
             cost = base["fp32"]["mean"] - r["fp32"]["mean"]
-            gains = {c: r[c]["mean"] - base[c]["mean"] for c in ("W4pt", "W3pt")}
+            gains = {c: r[c]["mean"] - base[c]["mean"] for c in ("W4pt", "W3pt", PRUNED)
+                     if c in r and c in base}
             column = judged_on(spec)
+            if column not in gains:  # not evaluated on both rows: judged on the cost
+                column = None
             ok = cost <= MAX_FP32_COST and (column is None or gains[column] > 0)
-            out[arch][spec] = {"fp32_cost_pt": cost, "w4pt_gain_pt": gains["W4pt"],
-                               "w3pt_gain_pt": gains["W3pt"], "judged_on": column,
-                               "ok": bool(ok),
-                               "fp32_cost_se": _paired_se(by_seed, spec, "fp32", -1.0),
-                               "w4pt_gain_se": _paired_se(by_seed, spec, "W4pt", 1.0),
-                               "w3pt_gain_se": _paired_se(by_seed, spec, "W3pt", 1.0)}
+            out[arch][spec] = {"fp32_cost_pt": cost, "judged_on": column, "ok": bool(ok),
+                               "fp32_cost_se": _paired_se(by_seed, spec, "fp32", -1.0)}
+            for c, gain in gains.items():
+                out[arch][spec][f"{c.lower()}_gain_pt"] = gain
+                out[arch][spec][f"{c.lower()}_gain_se"] = _paired_se(by_seed, spec, c, 1.0)
     return out
 
 
@@ -268,17 +302,19 @@ def table(summary, accept, header: str = "") -> str:
     lines = [header] if header else []
     width = max([14] + [len(spec) + 1 for rows in summary.values() for spec in rows])
     lines += [f"{'architecture':<13}{'row':<{width}}" + "".join(f"{c:>12}" for c in COLUMNS)
-             + f"{'FP32 cost':>13}{'W4pt gain':>13}{'W3pt gain':>13}  ok{'FP32 mov.':>12}"]
+             + f"{PRUNED:>12}{'FP32 cost':>13}{'W4pt gain':>13}{'W3pt gain':>13}"
+             + f"{PRUNED + ' gain':>13}  ok{'FP32 mov.':>12}"]
     for arch, rows in summary.items():
         for spec, r in sorted(rows.items(), key=lambda kv: _row_order(kv[0])):
-            cells = "".join(f"{r[c]['mean']:>7.1f} ±{r[c]['std']:>4.1f}" for c in COLUMNS)
+            cells = "".join(f"{r[c]['mean']:>7.1f} ±{r[c]['std']:>4.1f}" if c in r else f"{'-':>12}"
+                            for c in COLUMNS + (PRUNED,))
             moving = r["fp32_trained_stats"]
             moving = f"{moving['mean']:>7.1f} ±{moving['std']:>4.1f}"
             a = accept.get(arch, {}).get(spec)
-            tail = " " * 44 if a is None else (
+            tail = " " * 57 if a is None else (
                 _with_se(a["fp32_cost_pt"], a.get("fp32_cost_se"))
-                + _with_se(a["w4pt_gain_pt"], a.get("w4pt_gain_se"))
-                + _with_se(a["w3pt_gain_pt"], a.get("w3pt_gain_se"))
+                + "".join(_with_se(a[f"{c}_gain_pt"], a.get(f"{c}_gain_se"))
+                          if f"{c}_gain_pt" in a else f"{'-':>13}" for c in ("w4pt", "w3pt", "p50"))
                 + f"  {'yes' if a['ok'] else 'NO ':<3}")
             lines.append(f"{arch:<13}{spec:<{width}}{cells}{tail}{moving}")
     return "\n".join(lines)

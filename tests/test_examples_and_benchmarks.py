@@ -356,8 +356,51 @@ def test_benchmark_defaults_transfer_judges_each_row_on_its_own_grid(tmp_path):
         "linf": ("W3pt", False), "msqe": ("W4pt", True), "msqe:bits=3": ("W3pt", False),
         "partial_l2": (None, True), "foothill": (None, False), "soft_min_max": ("W3pt", False)}
     assert acc["msqe"]["w4pt_gain_pt"] == pytest.approx(2.0)
+    # with the pruned accuracy on both rows, partial L2 is judged on it
+    rows = {"plain": [dict(base, P50=0.50)], "partial_l2": [dict(worse, P50=0.70)],
+            "partial_l2:l=2": [dict(base, P50=0.40)], "partial_l2:fraction=0.8": [dict(base, P50=0.4)]}
+    path.write_text(json.dumps({"runs": {"mlp": rows}, "seeds": 1, "train_images": 100,
+                                "epochs": 1}))
+    _run("benchmarks/defaults_transfer.py", "/nonexistent", 120, "--render", str(path))
+    pruned = json.loads(path.read_text())["acceptance"]["mlp"]
+    assert {row: (a["judged_on"], a["ok"]) for row, a in pruned.items()} == {
+        "partial_l2": ("P50", True), "partial_l2:l=2": ("P50", False),
+        "partial_l2:fraction=0.8": (None, True)}
+    assert pruned["partial_l2"]["p50_gain_pt"] == pytest.approx(20.0)
     assert acc["msqe"]["w3pt_gain_pt"] == pytest.approx(-2.0)
     assert acc["foothill"]["fp32_cost_pt"] == pytest.approx(1.0)
+
+
+def test_benchmark_defaults_transfer_pruned_accuracy_against_numpy():
+    """P50: the 50 % smallest |w| of each kernel zeroed (NumPy computes the same logits from
+    the pruned kernels), the model's weights restored after."""
+    import importlib
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        dt = importlib.import_module("defaults_transfer")
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    keras = dt.keras
+    rng = np.random.default_rng(0)
+    model = keras.Sequential([keras.layers.Dense(6, activation="relu", input_shape=(5,)),
+                              keras.layers.Dense(3)])
+    w1, b1, w2, b2 = [rng.normal(size=v.shape).astype("float32") for v in model.weights]
+    model.set_weights([w1, b1, w2, b2])
+    x = rng.normal(size=(400, 5)).astype("float32")
+
+    def prune(w):  # independent: zero every |w| below the median (no ties in normal draws)
+        return np.where(np.abs(w) < np.median(np.abs(w)), 0.0, w)
+
+    logits = np.maximum(x @ prune(w1) + b1, 0) @ prune(w2) + b2
+    full = np.maximum(x @ w1 + b1, 0) @ w2 + b2
+    y = full.argmax(-1)  # labels the unpruned model gets right everywhere
+    expected = float(np.mean(logits.argmax(-1) == y))
+    assert expected < 1.0  # pruning half the weights changes some predictions
+    assert dt.pruned_accuracy(model, (x, y), 0.5) == pytest.approx(expected)
+    for v, w in zip(model.weights, [w1, b1, w2, b2]):
+        np.testing.assert_array_equal(v.numpy(), w)
 
 
 def test_benchmark_bnn_quick(data_dir):
