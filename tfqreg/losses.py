@@ -84,8 +84,24 @@ def foothill_loss(y_true, y_pred, alpha: float = 1.0, beta: float = 1.0) -> tf.T
     return tf.reduce_mean(_f(x), axis=-1)
 
 
+class _FoothillLoss:
+    """What the Keras 2 and the Keras 3 class share: the checked arguments, ``call`` and the
+    config (mixed in before each Keras' ``Loss``)."""
+
+    def _set_args(self, alpha, beta) -> None:
+        self.alpha, self.beta = _check_arg("alpha", alpha), _check_arg("beta", beta)
+
+    def call(self, y_true, y_pred):
+        return foothill_loss(y_true, y_pred, self.alpha, self.beta)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"alpha": self.alpha, "beta": self.beta})
+        return config
+
+
 @keras.utils.register_keras_serializable(package="tfqreg", name="FoothillLoss")
-class Foothill(keras.losses.Loss):
+class Foothill(_FoothillLoss, keras.losses.Loss):
     """``mean f(y_true − y_pred)``, ``f(x) = α·x·tanh(βx/2)`` (registered as
     ``tfqreg>FoothillLoss``; alias ``"foothill"`` in ``compile(loss=...)``).
 
@@ -98,17 +114,8 @@ class Foothill(keras.losses.Loss):
 
     def __init__(self, alpha=1.0, beta=1.0, reduction=keras.losses.Reduction.AUTO,
                  name="foothill"):
-        alpha, beta = _check_arg("alpha", alpha), _check_arg("beta", beta)
+        self._set_args(alpha, beta)
         super().__init__(reduction=_check_reduction(reduction), name=name)
-        self.alpha, self.beta = alpha, beta
-
-    def call(self, y_true, y_pred):
-        return foothill_loss(y_true, y_pred, self.alpha, self.beta)
-
-    def get_config(self):
-        config = super().get_config()
-        config.update({"alpha": self.alpha, "beta": self.beta})
-        return config
 
 
 ALIASES = {"foothill": Foothill}
@@ -134,7 +141,7 @@ default ``"sum_over_batch_size"``); ``None`` when Keras 3 is not installed."""
 
 def _define_keras3_loss(k3) -> type:
     @register(name="FoothillLoss")
-    class FoothillKeras3(k3.losses.Loss):
+    class FoothillKeras3(_FoothillLoss, k3.losses.Loss):
         """:class:`Foothill` for Keras 3 models: ``mean f(y_true − y_pred)``,
         ``f(x) = α·x·tanh(βx/2)``, by :func:`foothill_loss`.
 
@@ -146,17 +153,8 @@ def _define_keras3_loss(k3) -> type:
 
         def __init__(self, alpha=1.0, beta=1.0, reduction="sum_over_batch_size",
                      name="foothill", dtype=None):
-            alpha, beta = _check_arg("alpha", alpha), _check_arg("beta", beta)
+            self._set_args(alpha, beta)
             super().__init__(name=name, reduction=reduction, dtype=dtype)
-            self.alpha, self.beta = alpha, beta
-
-        def call(self, y_true, y_pred):
-            return foothill_loss(y_true, y_pred, self.alpha, self.beta)
-
-        def get_config(self):
-            config = super().get_config()
-            config.update({"alpha": self.alpha, "beta": self.beta})
-            return config
 
     FoothillKeras3.__module__ = __name__
     FoothillKeras3.__qualname__ = "FoothillKeras3"
