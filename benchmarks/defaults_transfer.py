@@ -141,7 +141,9 @@ def pruned_accuracy(model, test, fraction: float) -> float:
     """Test accuracy of ``model`` with the ``floor(fraction·N)`` smallest-magnitude weights of
     each of its N-element quantizable kernels (:func:`tfqreg.ptq.quantizable_layers`, the
     kernels the regularizers act on) set to zero, as ``prune_low_magnitude`` at that constant
-    sparsity would leave them before any fine-tuning; the weights are restored afterwards."""
+    sparsity would leave them before any fine-tuning (BatchNorm statistics as they were before
+    pruning, not re-estimated: on the BatchNorm models this measures pruning and the stale
+    statistics together); the weights are restored afterwards."""
     kernels = [getattr(layer, "depthwise_kernel", None) if isinstance(
         layer, keras.layers.DepthwiseConv2D) else layer.kernel
         for layer in ptq.quantizable_layers(model)]
@@ -549,7 +551,9 @@ def _header(seeds: int, n_train: int, epochs: int) -> str:
             "BatchNorm folded, pt = per-tensor, pc = per-channel;\nFP32 cost, W4pt and W3pt gain "
             "against plain: mean ± standard error of the same-seed differences; BatchNorm "
             "statistics re-estimated on 2,048 training images after training ('FP32 mov.': "
-            "FP32 before, with the moving statistics as trained)")
+            "FP32 before, with the moving statistics as trained); P50: FP32 with the 50 % "
+            "smallest |w| of each kernel zeroed, no fine-tuning, BatchNorm statistics not "
+            "re-estimated after pruning")
 
 
 def render(path: str, comparisons=None) -> dict:
