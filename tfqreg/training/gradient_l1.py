@@ -134,10 +134,12 @@ class GradientL1(_Term):
             configs carry theirs, so a model saved with the old default keeps ``"sum"``.
         bits: the grid of ``reduction="step"`` (2..16).
         method: ``"exact"`` (double backprop, the default) or ``"finite_difference"`` (one
-            extra forward and backward pass instead of a second-order one: about 2.1 plain
-            steps against 3.0 on the benchmark CNN, weights and activations, in
-            ``benchmarks/step_time.py``; its accuracy-vs-bits was within the 2-seed noise of
-            the exact form on most columns, not all, so it is not the default).
+            extra forward and backward pass instead of a second-order one: 2.1 plain steps
+            against 2.9 on the benchmark CNN, weights and activations, 1.3 with ``every=4``,
+            in ``benchmarks/step_time.py``). At the default λ both fast forms matched the exact
+            one within noise on four architectures (``benchmarks/defaults_transfer.py``, same
+            seeds), coarsely on the BatchNorm ones; the finite difference refuses models with
+            random layers, so it is not the default.
         every: compute the term every ``every``-th step, scaled by ``every`` (1: every step).
         epsilon: relative size of the finite-difference perturbation (``(0, 0.5]``).
 
