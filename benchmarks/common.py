@@ -105,15 +105,16 @@ def verbose() -> int:
 
 
 def recalibrate_batchnorm(model, x, batch: int = 1024) -> int:
-    """``--quick`` runs of BatchNorm models only: set every BatchNorm's moving mean/variance
-    to the statistics of ``x[:batch]`` under the final weights (one forward pass in training
-    mode with momentum 0; no weight changes). Returns how many BatchNorms were set.
+    """Set every BatchNorm's moving mean/variance to the statistics of ``x[:batch]`` under the
+    current weights (one forward pass in training mode with momentum 0; no weight changes).
+    Returns how many BatchNorms were set (0 for a BatchNorm-free model, which is unchanged).
 
-    A quick run trains 16 steps (2,000 images, batch 128). Keras' momentum 0.99 averages the
-    moving statistics over ~100 steps, and early in training the weights move faster than
-    that, so after 16 steps the inference-mode model predicts one class (~9% on
-    Fashion-MNIST) while its training-mode accuracy is ~60%. Full runs train long enough for
-    the statistics to settle and are never recalibrated."""
+    Keras' momentum 0.99 averages the moving statistics over ~100 steps, and early in training
+    the weights move faster than that: after the 16 steps of a ``--quick`` run the
+    inference-mode model predicts one class (~9% on Fashion-MNIST) while its training-mode
+    accuracy is ~60%. ``robustness.py`` and ``batchnorm_fold.py`` call this on quick runs
+    only; ``defaults_transfer.py`` on every run (469 steps do not settle the statistics
+    either) and again after its one-shot pruning."""
     bns = [l for l in model._flatten_layers(include_self=False, recursive=True)
            if isinstance(l, keras.layers.BatchNormalization)]
     if not bns:

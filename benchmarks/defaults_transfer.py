@@ -14,9 +14,12 @@ evaluated on the 10,000 test images. Columns: FP32, per-tensor W4 and W3, per-ch
 
 Acceptance (issue 16), per architecture, on the means over seeds: every row costs ≤ 0.5 pt of
 FP32 accuracy against plain; a range regularizer (LInf, Margin, SoftMinMax) and gradient-ℓ1 also
-beat plain at per-tensor W3, MSQE at its own grid (per-tensor W4 at its default 4 bits);
-Foothill and partial L2 (shrinkages toward a centre / toward zero for pruning, not toward a
-quantization range) are judged on the FP32 cost alone.
+beat plain at per-tensor W3, MSQE at its own grid (per-tensor W4 at its default 4 bits),
+partial L2 (a shrinkage toward zero for pruning) at ``P50``: the FP32 accuracy after one-shot
+magnitude pruning of half of every quantizable kernel, no fine-tuning, BatchNorm statistics
+re-estimated after pruning as after training (files written before 2026-12-03 kept them from
+before pruning; ``defaults_transfer_bn_3seeds.json`` stores those as ``P50_stale_stats``).
+Foothill (a shrinkage toward ±centre for binary networks) is judged on the FP32 cost alone.
 
     python benchmarks/defaults_transfer.py           # full: 4 archs × 7 rows × 2 seeds
     python benchmarks/defaults_transfer.py --quick   # smoke: 1 seed, 2k images, 1 epoch
@@ -128,37 +131,53 @@ def parse_term(spec: str):
     return training.GradientL1(**kwargs)
 
 
-def evaluate(model, test) -> Dict[str, float]:
+def evaluate(model, test, recalibration_x=None) -> Dict[str, float]:
     """FP32 and weight-only PTQ accuracies (activations float), BatchNorm folded, and the float
-    accuracy after one-shot magnitude pruning (:func:`pruned_accuracy`)."""
+    accuracy after one-shot magnitude pruning (:func:`pruned_accuracy`, BatchNorm statistics
+    re-estimated on ``recalibration_x`` after pruning)."""
     pt = ptq.sweep(model, test, weight_bits=(4, 3), per_channel=False, progress=False)
     pc = ptq.sweep(model, test, weight_bits=(3,), per_channel=True, progress=False)
     return {"fp32": pt.float_accuracy, "W4pt": pt.accuracy(4), "W3pt": pt.accuracy(3),
-            "W3pc": pc.accuracy(3), PRUNED: pruned_accuracy(model, test, PRUNE_FRACTION)}
+            "W3pc": pc.accuracy(3),
+            PRUNED: pruned_accuracy(model, test, PRUNE_FRACTION, recalibration_x)}
 
 
-def pruned_accuracy(model, test, fraction: float) -> float:
+def _batchnorm_statistics(model) -> list:
+    """The moving mean and variance variables of every BatchNorm in ``model``."""
+    return [v for layer in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(layer, keras.layers.BatchNormalization)
+            for v in (layer.moving_mean, layer.moving_variance)]
+
+
+def pruned_accuracy(model, test, fraction: float, recalibration_x=None) -> float:
     """Test accuracy of ``model`` with the ``floor(fraction·N)`` smallest-magnitude weights of
     each of its N-element quantizable kernels (:func:`tfqreg.ptq.quantizable_layers`, the
     kernels the regularizers act on) set to zero, as ``prune_low_magnitude`` at that constant
-    sparsity would leave them before any fine-tuning (BatchNorm statistics as they were before
-    pruning, not re-estimated: on the BatchNorm models this measures pruning and the stale
-    statistics together); the weights are restored afterwards."""
+    sparsity would leave them before any fine-tuning. With ``recalibration_x``, the BatchNorm
+    statistics are then re-estimated on its first ``RECALIBRATION`` images (as after training),
+    so the column measures the pruned weights, not statistics of the unpruned ones; ``None``
+    keeps the statistics as they were. Weights and statistics are restored afterwards."""
     kernels = [getattr(layer, "depthwise_kernel", None) if isinstance(
         layer, keras.layers.DepthwiseConv2D) else layer.kernel
         for layer in ptq.quantizable_layers(model)]
     saved = [k.numpy() for k in kernels]
+    statistics = _batchnorm_statistics(model)
+    saved_statistics = [v.numpy() for v in statistics]
     try:
         for k, w in zip(kernels, saved):
             flat = w.reshape(-1).copy()
             flat[np.argsort(np.abs(flat), kind="stable")[:int(fraction * flat.size)]] = 0.0
             k.assign(flat.reshape(w.shape))
+        if recalibration_x is not None:
+            recalibrate_batchnorm(model, recalibration_x, batch=RECALIBRATION)
         x, y = test
         pred = model.predict(x, batch_size=1024, verbose=0).argmax(-1)
         return float(np.mean(pred == np.asarray(y).reshape(-1)))
     finally:
         for k, w in zip(kernels, saved):
             k.assign(w)
+        for v, value in zip(statistics, saved_statistics):
+            v.assign(value)
 
 
 class _FreezeState(keras.callbacks.Callback):
@@ -199,7 +218,7 @@ def run_one(arch: str, spec: str, seed: int, train, test, epochs: int, quick: bo
         inner.compile(loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     moving = inner.evaluate(*test, batch_size=1024, verbose=0)[1]
     recalibrated = recalibrate_batchnorm(inner, train[0], batch=RECALIBRATION)
-    acc = evaluate(inner, test)
+    acc = evaluate(inner, test, train[0])
     described = reg if term is None else term
     extra = {"frozen_state_drift": callbacks[0].drift()} if callbacks else {}
     return {**acc, **extra, "fp32_trained_stats": moving, "batchnorms_recalibrated": recalibrated,
@@ -552,8 +571,8 @@ def _header(seeds: int, n_train: int, epochs: int) -> str:
             "against plain: mean ± standard error of the same-seed differences; BatchNorm "
             "statistics re-estimated on 2,048 training images after training ('FP32 mov.': "
             "FP32 before, with the moving statistics as trained); P50: FP32 with the 50 % "
-            "smallest |w| of each kernel zeroed, no fine-tuning, BatchNorm statistics not "
-            "re-estimated after pruning")
+            "smallest |w| of each kernel zeroed, no fine-tuning, BatchNorm statistics "
+            "re-estimated as after training")
 
 
 def render(path: str, comparisons=None) -> dict:

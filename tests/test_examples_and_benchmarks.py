@@ -403,6 +403,49 @@ def test_benchmark_defaults_transfer_pruned_accuracy_against_numpy():
         np.testing.assert_array_equal(v.numpy(), w)
 
 
+def test_benchmark_defaults_transfer_pruned_accuracy_recalibrates_batchnorm():
+    """P50 on a BatchNorm model: after pruning, the moving statistics become the batch
+    statistics of the pruned pre-activations (NumPy), then both are restored."""
+    import importlib
+    import numpy as np
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    try:
+        dt = importlib.import_module("defaults_transfer")
+    finally:
+        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    keras = dt.keras
+    rng = np.random.default_rng(1)
+    model = keras.Sequential([keras.layers.Dense(6, input_shape=(5,)),
+                              keras.layers.BatchNormalization(epsilon=1e-3),
+                              keras.layers.ReLU(), keras.layers.Dense(3)])
+    weights = [rng.normal(size=v.shape).astype("float32") for v in model.weights]
+    weights[2] = np.abs(weights[2]) + 0.5  # gamma
+    weights[5] = np.abs(weights[5]) + 0.5  # moving variance before
+    model.set_weights(weights)
+    w1, b1, gamma, beta, mean0, var0, w2, b2 = weights
+    x = rng.normal(size=(300, 5)).astype("float32")
+    x_cal = rng.normal(size=(200, 5)).astype("float32") + 0.3
+
+    def prune(w):
+        return np.where(np.abs(w) < np.median(np.abs(w)), 0.0, w)
+
+    def predict(inputs, mean, var):
+        pre = inputs @ prune(w1) + b1
+        h = np.maximum(gamma * (pre - mean) / np.sqrt(var + 1e-3) + beta, 0)
+        return (h @ prune(w2) + b2).argmax(-1)
+
+    pre_cal = x_cal @ prune(w1) + b1
+    y = np.maximum(np.maximum(x @ w1 + b1 - mean0, 0) @ w2, 0).argmax(-1)  # any labels
+    expected = float(np.mean(predict(x, pre_cal.mean(0), pre_cal.var(0)) == y))
+    stale = float(np.mean(predict(x, mean0, var0) == y))
+    assert expected != stale  # re-estimating the statistics changes the answer here
+    assert dt.pruned_accuracy(model, (x, y), 0.5, x_cal) == pytest.approx(expected)
+    assert dt.pruned_accuracy(model, (x, y), 0.5) == pytest.approx(stale)
+    for v, w in zip(model.weights, weights):
+        np.testing.assert_array_equal(v.numpy(), w)
+
+
 def test_benchmark_bnn_quick(data_dir):
     out, t0 = _run("benchmarks/bnn.py", data_dir, 600)
     with open(_fresh_file(os.path.join(RESULTS, "bnn_quick.json"), t0)) as f:
