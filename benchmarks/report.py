@@ -47,7 +47,12 @@ SECTIONS = (
      "Defaults that transfer: the two BatchNorm models, 3 seeds, one machine",
      "python benchmarks/defaults_transfer.py --archs ds_cnn resnet_small --seeds 3 --rows plain "
      "gradient_l1 gradient_l1:method=finite_difference gradient_l1:method=finite_difference,every=4 "
-     "msqe partial_l2 msqe:l=100 msqe:l=10000 --out defaults_transfer_bn_3seeds.json"),
+     "msqe partial_l2:l=1 msqe:l=100 msqe:l=10000 --out defaults_transfer_bn_3seeds.json"),
+    ("defaults_transfer_bn_pruning.json",
+     "Defaults that transfer: partial L2 on the two BatchNorm models, 3 seeds, statistics "
+     "re-estimated after pruning",
+     "python benchmarks/defaults_transfer.py --archs ds_cnn resnet_small --seeds 3 --rows plain "
+     "partial_l2:l=1 partial_l2 partial_l2:l=100 --out defaults_transfer_bn_pruning.json"),
     ("bnn_convergence.json", "Binary networks trained to convergence (benchmark 2b)",
      "python benchmarks/bnn_convergence.py --train-size 15000 --tune-epochs 2 --epochs 20 "
      "--seeds 5 --resume"),
@@ -57,6 +62,7 @@ SECTIONS = (
 OPTIONAL = {"robustness_ds_cnn.json", "robustness_gl1_step.json",
             "robustness_ds_cnn_gl1_step.json", "batchnorm_fold.json", "defaults_transfer.json",
             "defaults_transfer_bn_free_5seeds.json", "defaults_transfer_bn_3seeds.json",
+            "defaults_transfer_bn_pruning.json",
             "bnn_convergence.json"}
 
 
