@@ -371,17 +371,23 @@ def test_benchmark_defaults_transfer_judges_each_row_on_its_own_grid(tmp_path):
     assert acc["foothill"]["fp32_cost_pt"] == pytest.approx(1.0)
 
 
-def test_benchmark_defaults_transfer_pruned_accuracy_against_numpy():
-    """P50: the 50 % smallest |w| of each kernel zeroed (NumPy computes the same logits from
-    the pruned kernels), the model's weights restored after."""
+def _defaults_transfer():
+    """``benchmarks/defaults_transfer.py`` as a module (its ``common`` import needs the path)."""
     import importlib
-    import numpy as np
 
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
     try:
-        dt = importlib.import_module("defaults_transfer")
+        return importlib.import_module("defaults_transfer")
     finally:
         sys.path.remove(os.path.join(REPO, "benchmarks"))
+
+
+def test_benchmark_defaults_transfer_pruned_accuracy_against_numpy():
+    """P50: the 50 % smallest |w| of each kernel zeroed (NumPy computes the same logits from
+    the pruned kernels), the model's weights restored after."""
+    import numpy as np
+
+    dt = _defaults_transfer()
     keras = dt.keras
     rng = np.random.default_rng(0)
     model = keras.Sequential([keras.layers.Dense(6, activation="relu", input_shape=(5,)),
@@ -406,14 +412,9 @@ def test_benchmark_defaults_transfer_pruned_accuracy_against_numpy():
 def test_benchmark_defaults_transfer_pruned_accuracy_recalibrates_batchnorm():
     """P50 on a BatchNorm model: after pruning, the moving statistics become the batch
     statistics of the pruned pre-activations (NumPy), then both are restored."""
-    import importlib
     import numpy as np
 
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    try:
-        dt = importlib.import_module("defaults_transfer")
-    finally:
-        sys.path.remove(os.path.join(REPO, "benchmarks"))
+    dt = _defaults_transfer()
     keras = dt.keras
     rng = np.random.default_rng(1)
     model = keras.Sequential([keras.layers.Dense(6, input_shape=(5,)),
