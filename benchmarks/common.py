@@ -104,6 +104,12 @@ def verbose() -> int:
 
 
 
+def batchnorm_layers(model) -> list:
+    """Every BatchNormalization layer inside ``model``, nested ones included."""
+    return [l for l in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(l, keras.layers.BatchNormalization)]
+
+
 def recalibrate_batchnorm(model, x, batch: int = 1024) -> int:
     """Set every BatchNorm's moving mean/variance to the statistics of ``x[:batch]`` under the
     current weights (one forward pass in training mode with momentum 0; no weight changes).
@@ -115,8 +121,7 @@ def recalibrate_batchnorm(model, x, batch: int = 1024) -> int:
     accuracy is ~60%. ``robustness.py`` and ``batchnorm_fold.py`` call this on quick runs
     only; ``defaults_transfer.py`` on every run (469 steps do not settle the statistics
     either) and again after its one-shot pruning."""
-    bns = [l for l in model._flatten_layers(include_self=False, recursive=True)
-           if isinstance(l, keras.layers.BatchNormalization)]
+    bns = batchnorm_layers(model)
     if not bns:
         return 0
     saved = [l.momentum for l in bns]

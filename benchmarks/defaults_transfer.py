@@ -66,7 +66,8 @@ from typing import Dict, List, Optional
 import numpy as np
 
 import common  # noqa: F401  (sets up sys.path and Keras 2)
-from common import keras, mean_std, recalibrate_batchnorm, seed_all, write_json
+from common import (batchnorm_layers, keras, mean_std, recalibrate_batchnorm, seed_all,
+                    write_json)
 
 import tfqreg
 from tfqreg import models, ptq, regularizers, training
@@ -144,8 +145,7 @@ def evaluate(model, test, recalibration_x=None) -> Dict[str, float]:
 
 def _batchnorm_statistics(model) -> list:
     """The moving mean and variance variables of every BatchNorm in ``model``."""
-    return [v for layer in model._flatten_layers(include_self=False, recursive=True)
-            if isinstance(layer, keras.layers.BatchNormalization)
+    return [v for layer in batchnorm_layers(model)
             for v in (layer.moving_mean, layer.moving_variance)]
 
 
