@@ -91,8 +91,8 @@ from __future__ import annotations
 
 import contextlib
 
-from tfqreg.training._capture import register_fake_quant_second_order
 from tfqreg.training._common import kernel_layers
+from tfqreg.training._second_order import fast_second_order, register_fake_quant_second_order
 from tfqreg.training.gradient_l1 import GradientL1
 from tfqreg.training.learnable import LearnableMSQE, LearnablePartialL2, round_to_grid
 from tfqreg.training.model import TrainingModel, get, is_training_model, serialize
@@ -108,4 +108,5 @@ __all__ = [
     "get",
     "serialize",
     "register_fake_quant_second_order",
+    "fast_second_order",
 ]

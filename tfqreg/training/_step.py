@@ -16,10 +16,12 @@ is applied, where the metrics live, and which callback base class ``fit`` gets.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, Iterable, Optional
 
 from tfqreg._keras import tf
 from tfqreg.training._common import _Term
+from tfqreg.training._second_order import fast_second_order
 from tfqreg.training.gradient_l1 import GradientL1
 from tfqreg.training.learnable import _Learnable, round_to_grid
 
@@ -242,7 +244,8 @@ class _TrainingSteps:
                     total_global += k * (gl1.lambda_w * norm_w
                                          + (gl1.lambda_a * replicas) * norm_a)
                 total_local = self._scale_loss(total_local)
-            self._minimize(tape, total_local, variables)
+            with fast_second_order() if gl1 is not None else contextlib.nullcontext():
+                self._minimize(tape, total_local, variables)
         if gl1 is not None:
             values.update(gradient_l1=gl1.lambda_w * norm_w + (gl1.lambda_a * replicas) * norm_a,
                           grad_l1_w=norm_w, grad_l1_a=norm_a * replicas)

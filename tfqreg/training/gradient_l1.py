@@ -47,7 +47,8 @@ import numpy as np
 
 from tfqreg import fold
 from tfqreg._keras import register, tf
-from tfqreg.training._capture import _install_hook, _recording, register_fake_quant_second_order
+from tfqreg.training._capture import _install_hook, _recording
+from tfqreg.training._second_order import register_fake_quant_second_order
 from tfqreg.training._common import (_KERNEL_NAMES, _check, _fold_scale, _is_keras3, _layer_types,
                                      _layers_by_name, _short_name, _Term, _unwrap, _walk_layers,
                                      keras_of, kernel_layers)
