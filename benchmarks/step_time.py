@@ -2,7 +2,7 @@
 
 Model: ``tfqreg.models.small_cnn`` (225k parameters), batch 128 of Fashion-MNIST-shaped random
 data, Adam. Every configuration is compiled once, warmed up (tracing excluded), then timed in
-``--repeats`` (15) interleaved rounds of ``--steps`` steps in this one process (a change in
+``--repeats`` (25) interleaved rounds of ``--steps`` steps in this one process (a change in
 machine load hits all of them alike); the table gives the median time per step and two ratios,
 each the median over rounds of that round's ratio: to the plain step through the same harness
 (a ``TrainingModel`` without terms) and to Keras' own ``fit`` step. Configurations:
@@ -170,7 +170,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (few steps)")
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--repeats", type=int, default=25)
     parser.add_argument("--jit", action="store_true", help="compile the steps with XLA")
     parser.add_argument("--profile", nargs="+", default=None, metavar="CONFIG",
                         help="profile these configurations instead of timing all")
