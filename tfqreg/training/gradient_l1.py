@@ -317,6 +317,9 @@ class GradientL1(_Term):
             loss, (kernels, recorder.tensors),
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads_w = [tf.convert_to_tensor(g) for g in grads_w]
+        if grads_a and grads_w:  # as in finite_difference: after the whole backward pass
+            with tf.control_dependencies(grads_w):
+                grads_a = [tf.identity(g) for g in grads_a]
         if replicas > 1 and grads_w:
             grads_w = tf.distribute.get_replica_context().all_reduce("sum", grads_w)
         self._check_recorded(act_layers, recorder)
@@ -379,6 +382,13 @@ class GradientL1(_Term):
         if replicas > 1 and g_w:
             g_w = tf.distribute.get_replica_context().all_reduce("sum", g_w)
         g_acts = [tf.convert_to_tensor(g) for g in g_acts]
+        if g_acts:
+            # the element-wise passes over the activation gradients (millions of values) wait
+            # for the whole first backward pass: run beside it, they slowed its convolutions
+            # by more than they overlapped (fd_wa in benchmarks/step_time.py)
+            done = [g for g in g_vars if isinstance(g, tf.Tensor)]
+            with tf.control_dependencies(done):
+                g_acts = [tf.identity(g) for g in g_acts]
         dtype = task.dtype
         # the perturbation directions are the derivatives of the norms w.r.t. the gradients
         with tf.GradientTape() as dt:
