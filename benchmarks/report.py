@@ -73,7 +73,7 @@ def _describe(d: dict) -> str:
     bits = [m.get("description") or f"{m.get('cpu_count', d.get('cpu_count', '?'))} CPU cores",
             f"TF {m.get('tensorflow', d.get('tensorflow', '?'))}"]
     settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
-    for key in ("seeds_done", "seeds", "epochs", "repeats"):
+    for key in ("seeds_done", "seeds", "epochs", "repeats", "process_runs"):
         if key in d or key in settings:
             bits.append(f"{key.replace('_', ' ')} {d.get(key, settings.get(key))}")
     if d.get("wall_seconds"):
