@@ -171,6 +171,27 @@ def profile_ops(fn, it, steps: int, logdir: str) -> dict:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def _table(rows: dict, runs: int = 0) -> list:
+    """The printed table's lines; with ``runs`` (several processes), each ratio's range and the
+    number of processes that met each target."""
+    span = f"{'range':>13}" if runs else ""
+    lines = [f"{'configuration':<20}{'median ms':>10}{'× harness':>10}{'× fit':>7}{span}"
+             f"{'target':>8}  ok"]
+    for name, r in rows.items():
+        target = f"≤{r['target']:.2f}" if r["target"] else ""
+        ok = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
+        if runs and ok:
+            ok += f" ({r['runs_meeting_target']}/{runs} runs)"
+        span = f"{r['ratio_min']:>7.2f}–{r['ratio_max']:.2f}" if runs else ""
+        lines.append(f"{name:<20}{r['median_ms']:>10.1f}{r['ratio']:>9.2f}×"
+                     f"{r['ratio_to_fit']:>6.2f}×{span}{target:>8}  {ok}")
+    if "exact_wa" in rows:
+        faster = (f"{rows['exact_wa']['runs_faster_than_handwritten_w']}/{runs} runs" if runs
+                  else ("yes" if rows["exact_wa"]["faster_than_handwritten_w"] else "NO"))
+        lines.append(f"exact_wa faster than handwritten_exact_w: {faster}")
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run (few steps)")
@@ -242,15 +263,7 @@ def main(argv=None) -> int:
     if "exact_wa" in rows:
         rows["exact_wa"]["faster_than_handwritten_w"] = (
             rows["exact_wa"]["median_ms"] < rows["handwritten_exact_w"]["median_ms"])
-    lines = [f"{'configuration':<20}{'median ms':>10}{'× harness':>10}{'× fit':>7}{'target':>8}  ok"]
-    for name, r in rows.items():
-        target = f"≤{r['target']:.2f}" if r["target"] else ""
-        ok = "" if r["meets_target"] is None else ("yes" if r["meets_target"] else "NO")
-        lines.append(f"{name:<20}{r['median_ms']:>10.1f}{r['ratio']:>9.2f}×{r['ratio_to_fit']:>6.2f}×"
-                     f"{target:>8}  {ok}")
-    if "exact_wa" in rows:
-        lines.append("exact_wa faster than handwritten_exact_w: "
-                     + ("yes" if rows["exact_wa"]["faster_than_handwritten_w"] else "NO"))
+    lines = _table(rows)
     result = {
         "benchmark": "train-step time, small_cnn, batch 128, Adam",
         "steps_per_run": steps, "repeats": repeats, "jit_compile": args.jit, "quick": args.quick,
@@ -308,18 +321,7 @@ def _several_runs(args) -> int:
         rows["exact_wa"]["faster_than_handwritten_w"] = sum(faster) > len(faster) / 2
         rows["exact_wa"]["runs_faster_than_handwritten_w"] = sum(faster)
     n = len(results)
-    lines = [f"{'configuration':<20}{'median ms':>10}{'× harness':>10}{'× fit':>7}"
-             f"{'range':>13}{'target':>8}  ok"]
-    for name, r in rows.items():
-        target = f"≤{r['target']:.2f}" if r["target"] else ""
-        ok = ("" if r["meets_target"] is None else
-              f"{'yes' if r['meets_target'] else 'NO'} ({r['runs_meeting_target']}/{n} runs)")
-        lines.append(f"{name:<20}{r['median_ms']:>10.1f}{r['ratio']:>9.2f}×"
-                     f"{r['ratio_to_fit']:>6.2f}×{r['ratio_min']:>7.2f}–{r['ratio_max']:.2f}"
-                     f"{target:>8}  {ok}")
-    if "exact_wa" in rows:
-        lines.append("exact_wa faster than handwritten_exact_w: "
-                     f"{rows['exact_wa']['runs_faster_than_handwritten_w']}/{n} runs")
+    lines = _table(rows, runs=n)
     lines.append(f"(median over {n} processes of each process's median per-round ratio; "
                  "load average before each: "
                  + ", ".join(f"{r['loadavg_before']:.2f}" for r in results) + ")")

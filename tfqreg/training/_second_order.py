@@ -112,10 +112,6 @@ _SCOPE = threading.local()
 _TF_RULES: dict = {}  # op name -> TF's registered gradient function (set when installed)
 
 
-def _fast() -> bool:
-    return getattr(_SCOPE, "depth", 0) > 0
-
-
 def _as_str(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -132,8 +128,6 @@ def _window_sum(t, kh: int, kw: int):
 
 def _max_pool_grad_grad(op, grad):
     """Gradient of ``MaxPoolGrad(x, y, dy)``: ``M·grad`` for ``dy`` (module docstring)."""
-    if not _fast():
-        return _TF_RULES["MaxPoolGrad"](op, grad)
     ksize, strides = list(op.get_attr("ksize")), list(op.get_attr("strides"))
     padding, data_format = _as_str(op.get_attr("padding")), _as_str(op.get_attr("data_format"))
     x, y = op.inputs[0], op.inputs[1]
@@ -160,12 +154,23 @@ def _max_pool_grad_grad(op, grad):
 
 def _relu_grad_grad(op, grad):
     """Gradient of ``ReluGrad(dy, x)``: ``ReluGrad(grad, x)`` for ``dy``, none for ``x``."""
-    if not _fast():
-        return _TF_RULES["ReluGrad"](op, grad)
     return tf.raw_ops.ReluGrad(gradients=grad, features=op.inputs[1]), None
 
 
 _RULES = {"MaxPoolGrad": _max_pool_grad_grad, "ReluGrad": _relu_grad_grad}
+
+
+def _scoped(name: str, fn):
+    """The gradient function registered for ``name``: ``fn`` inside :func:`fast_second_order`
+    (this thread), TF's own rule outside it."""
+    tf_rule = _TF_RULES[name]
+
+    def gradient(op, grad):
+        if getattr(_SCOPE, "depth", 0) > 0:
+            return fn(op, grad)
+        return tf_rule(op, grad)
+
+    return gradient
 
 
 def _install_rules() -> None:
@@ -175,7 +180,7 @@ def _install_rules() -> None:
         _, registry = _registry()
         for name, fn in _RULES.items():
             _TF_RULES[name] = registry.lookup(name)
-            _replace_gradient(name, fn)
+            _replace_gradient(name, _scoped(name, fn))
 
 
 @contextlib.contextmanager

@@ -74,6 +74,22 @@ def _abs_sum(g):
     return tf.reduce_sum(tf.abs(g)), grad
 
 
+def _after(grads_a: list, grads: Sequence) -> list:
+    """The activation gradients ``grads_a``, made to wait (in a graph) for the weight gradients
+    ``grads`` of the same backward pass.
+
+    The element-wise passes over activation gradients (millions of values: signs, norms,
+    offsets) then run after the whole backward pass: run beside it, they slowed its
+    convolutions by more than they overlapped (``exact_wa`` / ``fd_wa`` in
+    ``benchmarks/step_time.py``). Eager execution runs in order anyway.
+    """
+    done = [g for g in grads if isinstance(g, tf.Tensor)]
+    if not grads_a or not done:
+        return list(grads_a)
+    with tf.control_dependencies(done):
+        return [tf.identity(g) for g in grads_a]
+
+
 def _random_layer_types() -> tuple:
     """Keras 2 and Keras 3 layers whose training-mode forward pass draws random numbers."""
     return _layer_types((
@@ -318,9 +334,7 @@ class GradientL1(_Term):
             loss, (kernels, recorder.tensors),
             unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads_w = [tf.convert_to_tensor(g) for g in grads_w]
-        if grads_a and grads_w:  # as in finite_difference: after the whole backward pass
-            with tf.control_dependencies(grads_w):
-                grads_a = [tf.identity(g) for g in grads_a]
+        grads_a = _after(grads_a, grads_w)
         if replicas > 1 and grads_w:
             grads_w = tf.distribute.get_replica_context().all_reduce("sum", grads_w)
         self._check_recorded(act_layers, recorder)
@@ -383,13 +397,7 @@ class GradientL1(_Term):
         if replicas > 1 and g_w:
             g_w = tf.distribute.get_replica_context().all_reduce("sum", g_w)
         g_acts = [tf.convert_to_tensor(g) for g in g_acts]
-        if g_acts:
-            # the element-wise passes over the activation gradients (millions of values) wait
-            # for the whole first backward pass: run beside it, they slowed its convolutions
-            # by more than they overlapped (fd_wa in benchmarks/step_time.py)
-            done = [g for g in g_vars if isinstance(g, tf.Tensor)]
-            with tf.control_dependencies(done):
-                g_acts = [tf.identity(g) for g in g_acts]
+        g_acts = _after(g_acts, g_vars)
         dtype = task.dtype
         # the perturbation directions are the derivatives of the norms w.r.t. the gradients
         with tf.GradientTape() as dt:
