@@ -72,6 +72,8 @@ def _describe(d: dict) -> str:
         m = {"description": str(m)}
     bits = [m.get("description") or f"{m.get('cpu_count', d.get('cpu_count', '?'))} CPU cores",
             f"TF {m.get('tensorflow', d.get('tensorflow', '?'))}"]
+    if d.get("cpu"):
+        bits.insert(1, f"CPU {d['cpu']}")
     settings = d.get("settings") if isinstance(d.get("settings"), dict) else {}
     for key in ("seeds_done", "seeds", "epochs", "repeats", "process_runs"):
         if key in d or key in settings:

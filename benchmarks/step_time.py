@@ -171,6 +171,19 @@ def profile_ops(fn, it, steps: int, logdir: str) -> dict:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): the
+    ratios depend on it, so every result records it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _table(rows: dict, runs: int = 0) -> list:
     """The printed table's lines; with ``runs`` (several processes), each ratio's range and the
     number of processes that met each target."""
@@ -227,6 +240,7 @@ def main(argv=None) -> int:
             parser.error(f"--profile: unknown configurations {unknown}; known: {list(configs)}")
         result = {"benchmark": "op-type kernel time per step (TensorFlow profiler), small_cnn",
                   "steps": steps, "tensorflow": tf.__version__, "machine": platform.machine(),
+                  "cpu": cpu_model(),
                   "cpu_count": os.cpu_count(), "loadavg_before": load_before, "ops": {}}
         for name in args.profile:
             _, fn, it = prepare(configs[name], x, y, steps, jit=args.jit)
@@ -267,7 +281,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "train-step time, small_cnn, batch 128, Adam",
         "steps_per_run": steps, "repeats": repeats, "jit_compile": args.jit, "quick": args.quick,
-        "tensorflow": tf.__version__, "machine": platform.machine(),
+        "tensorflow": tf.__version__, "machine": platform.machine(), "cpu": cpu_model(),
         "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
         "loadavg_before": load_before, "rows": rows, "table": "\n".join(lines),
     }
@@ -328,7 +342,7 @@ def _several_runs(args) -> int:
     result = {
         "benchmark": results[0]["benchmark"], "steps_per_run": args.steps,
         "repeats": args.repeats, "process_runs": n, "jit_compile": args.jit, "quick": False,
-        "tensorflow": tf.__version__, "machine": platform.machine(),
+        "tensorflow": tf.__version__, "machine": platform.machine(), "cpu": cpu_model(),
         "cpu_count": os.cpu_count(), "loadavg_before": results[0]["loadavg_before"],
         "loadavg_1min": os.getloadavg()[0], "rows": rows, "table": "\n".join(lines),
         "processes": results,
