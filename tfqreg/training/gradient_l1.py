@@ -24,6 +24,16 @@ Two ways to compute the gradient of the term (``method=``)
   updates) as the first pass left them. It treats ``v``'s dependence on the BatchNorm scale of
   a folded kernel as constant (the exact form differentiates it).
 
+Activations read by a max pool
+------------------------------
+When a recorded activation's only reader is a max pool with non-overlapping windows (stride ≥
+window, as in conv → ReLU → 2×2 pool), its gradient is the pool output's gradient routed to one
+element per window: the same ℓ1 norm, and the same outer gradient. Both methods then take the
+gradient at the pool's output (a quarter of the size for 2×2 windows), and the finite
+difference perturbs the pool's output by ``ε_a·sign(∇_p L)`` instead (the same directional
+derivative; for this the pool must be a Keras ``MaxPooling2D``/``MaxPooling3D`` layer). This needs a traced graph (``tf.function``, as ``fit`` runs), where the pool can be
+seen to be the only reader; eager execution computes at full size, with the same values.
+
 Lazy regularization (``every=k``): the term is computed on every k-th step only, scaled by k
 (StyleGAN2's lazy R1), so its average cost is ``1/k`` of the extra cost.
 
@@ -48,7 +58,8 @@ import numpy as np
 
 from tfqreg import fold
 from tfqreg._keras import register, tf
-from tfqreg.training._capture import _install_hook, _recording
+from tfqreg.training._capture import (_install_hook, _install_pool_hook, _recording,
+                                      pooled_view)
 from tfqreg.training._second_order import register_fake_quant_second_order
 from tfqreg.training._common import (_KERNEL_NAMES, _check, _fold_scale, _is_keras3, _layer_types,
                                      _layers_by_name, _short_name, _Term, _unwrap, _walk_layers,
@@ -88,6 +99,15 @@ def _after(grads_a: list, grads: Sequence) -> list:
         return list(grads_a)
     with tf.control_dependencies(done):
         return [tf.identity(g) for g in grads_a]
+
+
+def _pool_output(activation, noted):
+    """The max-pool layer output ``noted`` for ``activation`` when the graph shows that pool as
+    the activation's only reader, with non-overlapping windows (:func:`pooled_view`)."""
+    view = pooled_view(activation)
+    if view is None or noted is None or getattr(noted, "name", None) != view.name:
+        return None
+    return noted
 
 
 def _random_layer_types() -> tuple:
@@ -235,6 +255,11 @@ class GradientL1(_Term):
         elif self.activation_names is not None:
             _layers_by_name(model, self.activation_names, "GradientL1")  # validate the names
         layers = _walk_layers(model)
+        if self.lambda_a > 0 and self.method == "finite_difference":
+            pools = _layer_types(("MaxPooling2D", "MaxPooling3D"))
+            for layer in layers:  # the second pass offsets a pooled activation after its pool
+                if isinstance(_unwrap(layer), pools):
+                    _install_pool_hook(_unwrap(layer))
         if any(type(l).__module__.startswith("tensorflow_model_optimization") for l in layers):
             register_fake_quant_second_order()
         random_types = _random_layer_types()
@@ -293,11 +318,11 @@ class GradientL1(_Term):
         levels = float(2 ** self.bits - 1)
         for g, a in zip(grads, activations):
             dtype = g.dtype
-            if self.reduction == "mean":
-                per_example = (int(np.prod(g.shape[1:]))
-                               if g.shape.rank and g.shape[1:].is_fully_defined() else None)
+            if self.reduction == "mean":  # per element of the activation (not of its view)
+                per_example = (int(np.prod(a.shape[1:]))
+                               if a.shape.rank and a.shape[1:].is_fully_defined() else None)
                 c = (tf.constant(1.0 / per_example, dtype) if per_example else
-                     1.0 / tf.cast(tf.reduce_prod(tf.shape(g)[1:]), dtype))
+                     1.0 / tf.cast(tf.reduce_prod(tf.shape(a)[1:]), dtype))
             elif self.reduction == "step":
                 a = tf.stop_gradient(tf.cast(a, dtype))
                 span = tf.maximum(tf.reduce_max(a), 0.0) - tf.minimum(tf.reduce_min(a), 0.0)
@@ -330,9 +355,12 @@ class GradientL1(_Term):
         with tf.GradientTape() as inner, _recording(inner, act_layers) as recorder:
             loss, extra = forward_fn()
         kernels = self._kernels if self.lambda_w > 0 else []
+        # the gradient of an activation read only by a non-overlapping max pool, taken at the
+        # pool's output: same norm, and the same outer gradient (module `_capture`)
+        views = [pooled_view(a) for a in recorder.tensors]
+        views = [a if v is None else v for a, v in zip(recorder.tensors, views)]
         grads_w, grads_a = inner.gradient(
-            loss, (kernels, recorder.tensors),
-            unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            loss, (kernels, views), unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads_w = [tf.convert_to_tensor(g) for g in grads_w]
         grads_a = _after(grads_a, grads_w)
         if replicas > 1 and grads_w:
@@ -378,8 +406,12 @@ class GradientL1(_Term):
             extra = extra_cost_fn()
         self._check_recorded(act_layers, rec)
         acts = list(rec.tensors)
+        # an activation read only by a non-overlapping max-pool layer: its gradient, sign and
+        # offset are taken at the pool's output (module `_capture`)
+        pooled = [_pool_output(a, rec.pooled.get(i)) for i, a in enumerate(acts)]
         zero = tf.UnconnectedGradients.ZERO
-        grads = tape.gradient(task, list(variables) + acts)
+        grads = tape.gradient(task, list(variables) + [a if p is None else p
+                                                      for a, p in zip(acts, pooled)])
         g_vars = [tf.zeros_like(v) if g is None else g
                   for v, g in zip(variables, grads[:len(variables)])]
         # an activation the loss does not reach through (e.g. a softmax output whose logits
@@ -425,11 +457,18 @@ class GradientL1(_Term):
                                          * tf.cast(sg, a.dtype))
                         for a, sg, c in zip(acts, signs_a, coefs_a)])
         offsets = [next(offsets) if c else None for c in connected]
-        with tf.GradientTape() as tape2, _recording(tape2, act_layers, offsets=offsets) as rec2:
+        pooled_offsets = {}
+        for i, p in enumerate(pooled):
+            if p is not None and offsets[i] is not None:
+                pooled_offsets[i], offsets[i] = offsets[i], None
+        with tf.GradientTape() as tape2, _recording(tape2, act_layers, offsets=offsets,
+                                                    pooled_offsets=pooled_offsets) as rec2:
             task2, _ = forward_fn()
-        if act_layers and rec2.offset_index != len(offsets):
+        if act_layers and (rec2.offset_index != len(offsets)
+                           or rec2.pooled_applied != len(pooled_offsets)):
             raise ValueError("GradientL1: the second forward pass recorded "
-                             f"{rec2.offset_index} activations, the first {len(offsets)}; the "
+                             f"{rec2.offset_index} activations ({rec2.pooled_applied} read by a "
+                             f"max pool), the first {len(offsets)} ({len(pooled_offsets)}); the "
                              "model's forward pass must be the same on every call.")
         g2 = tape2.gradient(task2, list(variables), unconnected_gradients=zero)
         _assign(kernels, saved_w)
