@@ -17,7 +17,7 @@ each the median over rounds of that round's ratio: to the plain step through the
 * ``tfmot_qat``: ``tfmot.quantization.keras.quantize_model``.
 
 The ratios move between processes by more than within one (exact weights + activations measured
-2.46-2.62× in three consecutive processes on one quiet machine), so the full run repeats the whole
+2.50-2.63× in three consecutive processes on one quiet machine), so the full run repeats the whole
 measurement in ``--runs`` (3) fresh processes, one after the other, and reports each ratio as
 the median over the processes with its range; a target is met when that median meets it.
 
