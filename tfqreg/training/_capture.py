@@ -99,8 +99,10 @@ def pooled_view(t):
     return op.outputs[0]
 
 
-def _install_hook(layer):
-    if getattr(layer, "_tfqreg_capture_hook", False):
+def _wrap_call(layer, flag: str, after) -> None:
+    """Replace ``layer.call`` (once per ``flag``) by one that passes its outputs through
+    ``after(recorder, inputs, outputs)`` while a recorder is active in this thread."""
+    if getattr(layer, flag, False):
         return
     original = layer.call
 
@@ -108,35 +110,36 @@ def _install_hook(layer):
     def call(*args, **kwargs):
         outputs = original(*args, **kwargs)
         recorder = getattr(_STATE, "recorder", None)
-        if recorder is not None and id(layer) in recorder.wanted:
-            flat = tf.nest.flatten(outputs)
-            for i, t in enumerate(flat):
-                if isinstance(t, tf.Tensor) and t.dtype.is_floating:
-                    t = recorder.take(t)
-                    recorder.tape.watch(t)
-                    recorder.tensors.append(t)
-                    flat[i] = t
-            outputs = tf.nest.pack_sequence_as(outputs, flat)
+        if recorder is not None:
+            outputs = after(recorder, args[0] if args else kwargs.get("inputs"), outputs)
         return outputs
 
     object.__setattr__(layer, "call", call)
-    object.__setattr__(layer, "_tfqreg_capture_hook", True)
+    object.__setattr__(layer, flag, True)
+
+
+def _install_hook(layer):
+    """Let the recorder watch (and offset) ``layer``'s floating-point outputs."""
+    def after(recorder, inputs, outputs):
+        if id(layer) not in recorder.wanted:
+            return outputs
+        flat = tf.nest.flatten(outputs)
+        for i, t in enumerate(flat):
+            if isinstance(t, tf.Tensor) and t.dtype.is_floating:
+                t = recorder.take(t)
+                recorder.tape.watch(t)
+                recorder.tensors.append(t)
+                flat[i] = t
+        return tf.nest.pack_sequence_as(outputs, flat)
+
+    _wrap_call(layer, "_tfqreg_capture_hook", after)
 
 
 def _install_pool_hook(layer):
     """Let ``layer`` (a max pool) note, or offset, its output when it reads a recorded one."""
-    if getattr(layer, "_tfqreg_pool_hook", False):
-        return
-    original = layer.call
-
-    @functools.wraps(original)
-    def call(*args, **kwargs):
-        outputs = original(*args, **kwargs)
-        recorder = getattr(_STATE, "recorder", None)
-        inputs = args[0] if args else kwargs.get("inputs")
-        if recorder is not None and recorder.tensors and isinstance(outputs, tf.Tensor):
-            outputs = recorder.take_pooled(inputs, outputs)
+    def after(recorder, inputs, outputs):
+        if recorder.tensors and isinstance(outputs, tf.Tensor):
+            return recorder.take_pooled(inputs, outputs)
         return outputs
 
-    object.__setattr__(layer, "call", call)
-    object.__setattr__(layer, "_tfqreg_pool_hook", True)
+    _wrap_call(layer, "_tfqreg_pool_hook", after)
