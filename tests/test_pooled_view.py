@@ -239,3 +239,29 @@ def test_element_wise_passes_run_at_the_pool_output_only_where_the_windows_do_no
         # the second pass offsets the pool output (an add of that shape), not c1's output
         adds = {shape for t, shape in ops if t == "AddV2"}
         assert (n, 4, 4, 3) in adds and (n, 8, 8, 3) not in adds
+
+
+@pytest.mark.parametrize("method", ["exact", "finite_difference"])
+def test_pooled_activations_under_mirrored_strategy_match_single_device(distribute_scope,
+                                                                         method):
+    rng = np.random.default_rng(5)
+    x, y = rng.normal(size=(16, 10, 10, 1)), rng.integers(0, 3, size=16)
+
+    def build():
+        m = training.TrainingModel(cnn64(keras, seed=4), terms=[training.GradientL1(
+            0.05, 0.02, method=method, reduction="sum")])
+        m.compile(keras.optimizers.SGD(0.25), ce(keras))
+        return m
+
+    single = build()
+    with distribute_scope.scope():
+        dist = build()
+    start = single.get_weights()
+    dist.set_weights(start)
+    h1 = single.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0).history
+    h2 = dist.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0).history
+    for a, b in zip(single.get_weights(), dist.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-9)
+    for key in ("loss", "grad_l1_w", "grad_l1_a"):
+        np.testing.assert_allclose(h1[key], h2[key], rtol=1e-5, err_msg=key)
+    assert not np.allclose(start[0], single.get_weights()[0])
