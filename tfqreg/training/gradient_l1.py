@@ -31,8 +31,9 @@ window, as in conv → ReLU → 2×2 pool), its gradient is the pool output's gr
 element per window: the same ℓ1 norm, and the same outer gradient. Both methods then take the
 gradient at the pool's output (a quarter of the size for 2×2 windows), and the finite
 difference perturbs the pool's output by ``ε_a·sign(∇_p L)`` instead (the same directional
-derivative; for this the pool must be a Keras ``MaxPooling2D``/``MaxPooling3D`` layer). This needs a traced graph (``tf.function``, as ``fit`` runs), where the pool can be
-seen to be the only reader; eager execution computes at full size, with the same values.
+derivative; for this the pool must be a Keras ``MaxPooling2D``/``MaxPooling3D`` layer). This
+needs a traced graph (``tf.function``, as ``fit`` runs), where the pool can be seen to be the
+only reader; eager execution computes at full size, with the same values.
 
 Lazy regularization (``every=k``): the term is computed on every k-th step only, scaled by k
 (StyleGAN2's lazy R1), so its average cost is ``1/k`` of the extra cost.
