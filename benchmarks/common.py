@@ -29,13 +29,26 @@ def load(name: str = "fashion_mnist", quick: bool = False):
     return (x, y), (xt, yt)
 
 
+def cpu_model() -> str:
+    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere, which
+    is empty on Linux): timing ratios depend on it, so results record it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> Dict[str, object]:
     return {
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "tensorflow": tf.__version__,
-        "processor": platform.processor() or platform.machine(),
+        "processor": cpu_model(),
     }
 
 

@@ -50,6 +50,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import tfqreg  # noqa: E402  (sets TF_USE_LEGACY_KERAS)
+from common import cpu_model  # noqa: E402
 from tfqreg import models, training  # noqa: E402
 from tfqreg._keras import keras, tf  # noqa: E402
 
@@ -171,17 +172,10 @@ def profile_ops(fn, it, steps: int, logdir: str) -> dict:
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
-def cpu_model() -> str:
-    """The processor's model name (``/proc/cpuinfo``; ``platform.processor()`` elsewhere): the
-    ratios depend on it, so every result records it."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def _environment() -> dict:
+    """What every result records of the software and the machine (the ratios depend on both)."""
+    return {"tensorflow": tf.__version__, "machine": platform.machine(), "cpu": cpu_model(),
+            "cpu_count": os.cpu_count()}
 
 
 def _table(rows: dict, runs: int = 0) -> list:
@@ -239,9 +233,7 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--profile: unknown configurations {unknown}; known: {list(configs)}")
         result = {"benchmark": "op-type kernel time per step (TensorFlow profiler), small_cnn",
-                  "steps": steps, "tensorflow": tf.__version__, "machine": platform.machine(),
-                  "cpu": cpu_model(),
-                  "cpu_count": os.cpu_count(), "loadavg_before": load_before, "ops": {}}
+                  "steps": steps, **_environment(), "loadavg_before": load_before, "ops": {}}
         for name in args.profile:
             _, fn, it = prepare(configs[name], x, y, steps, jit=args.jit)
             ops = profile_ops(fn, it, steps, os.path.join("/tmp", f"tfqreg_profile_{name}"))
@@ -281,8 +273,7 @@ def main(argv=None) -> int:
     result = {
         "benchmark": "train-step time, small_cnn, batch 128, Adam",
         "steps_per_run": steps, "repeats": repeats, "jit_compile": args.jit, "quick": args.quick,
-        "tensorflow": tf.__version__, "machine": platform.machine(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
+        **_environment(), "loadavg_1min": os.getloadavg()[0],
         "loadavg_before": load_before, "rows": rows, "table": "\n".join(lines),
     }
     print()
@@ -342,8 +333,7 @@ def _several_runs(args) -> int:
     result = {
         "benchmark": results[0]["benchmark"], "steps_per_run": args.steps,
         "repeats": args.repeats, "process_runs": n, "jit_compile": args.jit, "quick": False,
-        "tensorflow": tf.__version__, "machine": platform.machine(), "cpu": cpu_model(),
-        "cpu_count": os.cpu_count(), "loadavg_before": results[0]["loadavg_before"],
+        **_environment(), "loadavg_before": results[0]["loadavg_before"],
         "loadavg_1min": os.getloadavg()[0], "rows": rows, "table": "\n".join(lines),
         "processes": results,
     }
