@@ -163,3 +163,71 @@ def test_docstring_example_runs():
 
     result = doctest.testmod(_second_order)
     assert result.attempted >= 4 and result.failed == 0
+
+
+def _relu_pool_step(case, fast, second_reader=False, eager=False):
+    """First- and second-order gradients through conv → ReLU → max pool on tie-heavy values
+    (inputs and kernel on a 0.5 grid: many windows tie, many are all ≤ 0), and the shapes of
+    the ReluGrad ops of the traced graph."""
+    ksize, strides, padding, (h, w) = POOLS[case]
+    rng = np.random.default_rng(4)
+    x = tf.constant(np.round(rng.normal(size=(2, h, w, 2)) * 2) / 2, tf.float32)
+    kernel = tf.Variable(np.round(rng.normal(size=(3, 3, 2, 3)) * 2) / 2, dtype=tf.float32)
+    k, s = _pool_op_args(ksize, strides)
+
+    def step():
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                a = tf.nn.relu(tf.nn.conv2d(x, kernel, 1, "SAME"))
+                p = tf.nn.max_pool2d(a, k[1:3], s[1:3], padding)
+                loss = tf.reduce_sum(p ** 2)
+                if second_reader:  # the ReLU output has a reader besides the pool
+                    loss += tf.reduce_sum(tf.sin(a))
+            g = inner.gradient(loss, [kernel, x])
+            norm = tf.add_n([tf.reduce_sum(tf.abs(t)) for t in g])
+        return g + outer.gradient(norm, [kernel, x])
+
+    def run():
+        if eager:
+            return step(), []
+        fn = tf.function(step)
+        graph = fn.get_concrete_function().graph
+        shapes = [tuple(op.outputs[0].shape) for op in graph.get_operations()
+                  if op.type == "ReluGrad"]
+        return fn(), shapes
+
+    if fast:
+        with training.fast_second_order():
+            values, shapes = run()
+    else:
+        values, shapes = run()
+    pooled = tuple(tf.nn.max_pool2d(tf.zeros([2, h, w, 3]), k[1:3], s[1:3], padding).shape)
+    return [v.numpy() for v in values], shapes, pooled
+
+
+@pytest.mark.parametrize("case", list(POOLS))
+def test_relu_mask_at_the_pool_output_gives_tf_values_bit_for_bit(case):
+    """``ReluGrad(MaxPoolGrad(a, p, dp), a) = MaxPoolGrad(a, p, ReluGrad(dp, p))``: the chosen
+    element of each window holds ``a = p``. Every ReluGrad of the fast graph (first order, its
+    derivative, and the outer pass through the forward ReLU) runs at the pool's output size."""
+    want, stock_shapes, pooled = _relu_pool_step(case, fast=False)
+    got, fast_shapes, _ = _relu_pool_step(case, fast=True)
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+    assert np.abs(want[0]).sum() > 0 and np.abs(want[2]).sum() > 0
+    assert stock_shapes and all(s != pooled for s in stock_shapes)
+    assert len(fast_shapes) == len(stock_shapes) and all(s == pooled for s in fast_shapes)
+
+
+def test_relu_rule_keeps_tf_rule_when_the_relu_output_has_another_reader_or_is_eager():
+    case = "2x2 valid"
+    want, stock_shapes, pooled = _relu_pool_step(case, fast=False, second_reader=True)
+    got, fast_shapes, _ = _relu_pool_step(case, fast=True, second_reader=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+    assert any(s != pooled for s in fast_shapes)  # the full-size ReLU mask is still there
+    eager, _, _ = _relu_pool_step(case, fast=True, eager=True)
+    for g, w in zip(eager, _relu_pool_step(case, fast=False)[0]):
+        np.testing.assert_array_equal(g, w)

@@ -77,10 +77,11 @@ Limits
   the double backprop silently vanish. When a :class:`GradientL1` is attached to a model, tfqreg
   registers their (almost-everywhere) second-order gradient: linear in the upstream gradient with
   the straight-through mask, zero w.r.t. the inputs and ranges.
-* The exact step's outer gradient runs inside :func:`fast_second_order`: the backward of a
-  max-pool gradient with non-overlapping windows, and of a ReLU gradient, use cheaper rules with
-  the same values as TensorFlow's (:mod:`tfqreg.training._second_order`); outside a
-  TrainingModel step every gradient is TensorFlow's own.
+* A gradient-ℓ1 step takes its gradients inside :func:`fast_second_order`: a ReLU read only by
+  a max pool applies its mask at the pool's output, and the backward of a max-pool gradient
+  with non-overlapping windows, and of a ReLU gradient, use cheaper rules, all with the same
+  values as TensorFlow's (:mod:`tfqreg.training._second_order`); outside a gradient-ℓ1 step
+  every gradient is TensorFlow's own.
 * The late start (``start_step`` / ``start_epoch``) switches the step function when the
   condition becomes true (a one-time retrace) during ``fit`` / ``train_on_batch``; before that
   no double backprop is paid for. In a hand-written loop call :meth:`TrainingModel.update_schedule`.

@@ -15,6 +15,17 @@ a product with a constant mask, which is differentiable in ``dy``.
 
 Max pooling and ReLU (:func:`fast_second_order`)
 -------------------------------------------------
+A ReLU read only by a max pool (conv → ReLU → pool): the gradient reaching the ReLU's output
+``a`` is ``MaxPoolGrad(a, p, dp)``, non-zero only at each window's chosen element, where
+``a = p`` (the window's maximum). The ReLU's mask ``[a > 0]`` there equals ``[p > 0]``, so
+
+    ReluGrad(MaxPoolGrad(a, p, dp), a) = MaxPoolGrad(a, p, ReluGrad(dp, p))
+
+bit for bit, for every window shape, stride and padding (ties too: the pool picks one element,
+which holds ``p``). The ReLU's mask then runs on the pool's output, a quarter of the values for
+2×2 windows; so does the mask's own derivative in the double backprop. When the ReLU's output
+has another reader (its gradient is then a sum), TF's rule is used.
+
 The first-order gradient of a max pool routes ``dy`` to each window's maximum,
 ``dx = MaxPoolGrad(x, y, dy) = Mᵀ·dy`` with ``M`` the 0/1 selection of the chosen elements. Its
 derivative in ``dy`` applied to ``g`` is ``M·g``, each window's ``g`` at the chosen element: TF
@@ -32,10 +43,11 @@ exact too since one element per window is non-zero). Overlapping windows keep TF
 tensors they read; TF returns materialized zero tensors for them, which the backward pass then
 adds, and these rules return ``None`` (no gradient) instead.
 
-The max-pool and ReLU rules are on only inside :func:`fast_second_order` (the TrainingModel's
-exact gradient-ℓ1 step enters it around its outer gradient; it is thread-local, so replica
-threads of a ``tf.distribute`` strategy each enter their own): outside it, every gradient is
-TF's own.
+The max-pool and ReLU rules are on only inside :func:`fast_second_order` (a TrainingModel's
+gradient-ℓ1 step enters it around each of its gradients: the inner and outer ones of the exact
+form, both passes of the finite difference; it is thread-local, so replica threads of a
+``tf.distribute`` strategy each enter their own): outside it, every gradient is TF's own, so
+a plain step (no gradient-ℓ1) runs TF's rules.
 """
 
 from __future__ import annotations
@@ -140,8 +152,8 @@ def _max_pool_grad_grad(op, grad):
         plain = shape[1] % kh == 0 and shape[2] % kw == 0  # then SAME pads nothing
     elif padding != "VALID":
         plain = False
-    if not plain:
-        return _TF_RULES["MaxPoolGrad"](op, grad)
+    if not plain:  # TF's MaxPoolGradGrad, without its zero tensors for x and y
+        return None, None, _TF_RULES["MaxPoolGrad"](op, grad)[2]
     chosen = tf.stop_gradient(tf.raw_ops.MaxPoolGrad(
         orig_input=x, orig_output=y, grad=tf.ones_like(y), ksize=ksize, strides=strides,
         padding=padding, data_format=data_format))
@@ -152,12 +164,28 @@ def _max_pool_grad_grad(op, grad):
     return None, None, _window_sum(picked, kh, kw)
 
 
+def _relu_grad(op, grad):
+    """Gradient of ``h = Relu(z)`` when ``grad`` is ``MaxPoolGrad(h, p, dp)``: the ReLU's mask
+    applied at the pool's output, ``MaxPoolGrad(h, p, ReluGrad(dp, p))`` (module docstring)."""
+    src = getattr(grad, "op", None)
+    h = op.outputs[0]
+    if (src is None or src.type != "MaxPoolGrad" or src.graph is not h.graph
+            or src.inputs[0].name != h.name):
+        return _TF_RULES["Relu"](op, grad)
+    pooled, dp = src.inputs[1], src.inputs[2]
+    return tf.raw_ops.MaxPoolGrad(
+        orig_input=h, orig_output=pooled, grad=tf.raw_ops.ReluGrad(gradients=dp, features=pooled),
+        ksize=src.get_attr("ksize"), strides=src.get_attr("strides"),
+        padding=src.get_attr("padding"), explicit_paddings=src.get_attr("explicit_paddings"),
+        data_format=src.get_attr("data_format"))
+
+
 def _relu_grad_grad(op, grad):
     """Gradient of ``ReluGrad(dy, x)``: ``ReluGrad(grad, x)`` for ``dy``, none for ``x``."""
     return tf.raw_ops.ReluGrad(gradients=grad, features=op.inputs[1]), None
 
 
-_RULES = {"MaxPoolGrad": _max_pool_grad_grad, "ReluGrad": _relu_grad_grad}
+_RULES = {"MaxPoolGrad": _max_pool_grad_grad, "ReluGrad": _relu_grad_grad, "Relu": _relu_grad}
 
 
 def _scoped(name: str, fn):
@@ -185,8 +213,9 @@ def _install_rules() -> None:
 
 @contextlib.contextmanager
 def fast_second_order():
-    """Within this block (this thread), differentiate ``MaxPoolGrad`` and ``ReluGrad`` with the
-    cheaper rules of the module docstring: same values as TF's, fewer kernels.
+    """Within this block (this thread), differentiate ``Relu`` before a max pool, and
+    ``MaxPoolGrad`` and ``ReluGrad``, with the cheaper rules of the module docstring: same
+    values as TF's, smaller or fewer kernels.
 
     >>> import tensorflow as tf
     >>> x = tf.random.stateless_normal([2, 4, 4, 1], seed=[1, 2])

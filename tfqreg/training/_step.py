@@ -7,9 +7,8 @@ parsing the terms, the late start (``start_step`` / ``start_epoch``), lazy regul
 
     loss = task loss + model.losses + Σ terms
 
-(exact double backprop, whose outer gradient runs inside
-:func:`~tfqreg.training._second_order.fast_second_order`, or the finite-difference form of
-gradient-ℓ1, and the all-reduce of the weight gradients under ``tf.distribute``). The Keras 2
+(exact double backprop or the finite-difference form of gradient-ℓ1, both taking their
+gradients inside :func:`~tfqreg.training._second_order.fast_second_order`, and the all-reduce of the weight gradients under ``tf.distribute``). The Keras 2
 model (``tf_keras.Model``) and the Keras 3 model (``keras.Model``, TensorFlow backend) inherit
 it and differ only in the few adapter methods at the end of the class: how the compiled task
 loss is read, how the optimizer is applied, where the metrics live, and which callback base

@@ -7,8 +7,9 @@ Two ways to compute the gradient of the term (``method=``)
 ------------------------------------------------------------
 * ``"exact"``: double backprop. An inner ``GradientTape`` gives ``∇L``, an outer one
   differentiates ``L + λ‖∇L‖₁`` through it: one forward pass, a backward pass and the backward
-  pass of the backward pass (2.6 plain steps on the benchmark CNN, weights and activations;
-  the outer gradient uses the max-pool and ReLU rules of :func:`tfqreg.training.fast_second_order`).
+  pass of the backward pass (2.6 plain steps on the benchmark CNN, weights and activations).
+  Both methods take their gradients with the max-pool and ReLU rules of
+  :func:`tfqreg.training.fast_second_order` (same values, smaller kernels).
 * ``"finite_difference"``: the gradient of ``‖g‖₁`` (``g = ∇_W L``) is ``H·v`` with
   ``v = sign(g)`` (weighted as the norm is) and ``H`` the Hessian, one Hessian-vector product,
   which ``(∇L(W + ε·v) − ∇L(W)) / ε`` approximates with ONE more forward and backward pass
@@ -61,7 +62,7 @@ from tfqreg import fold
 from tfqreg._keras import register, tf
 from tfqreg.training._capture import (_install_hook, _install_pool_hook, _recording,
                                       pooled_view)
-from tfqreg.training._second_order import register_fake_quant_second_order
+from tfqreg.training._second_order import fast_second_order, register_fake_quant_second_order
 from tfqreg.training._common import (_KERNEL_NAMES, _check, _fold_scale, _is_keras3, _layer_types,
                                      _layers_by_name, _short_name, _Term, _unwrap, _walk_layers,
                                      keras_of, kernel_layers)
@@ -360,8 +361,9 @@ class GradientL1(_Term):
         # pool's output: same norm, and the same outer gradient (module `_capture`)
         views = [pooled_view(a) for a in recorder.tensors]
         views = [a if v is None else v for a, v in zip(recorder.tensors, views)]
-        grads_w, grads_a = inner.gradient(
-            loss, (kernels, views), unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        with fast_second_order():
+            grads_w, grads_a = inner.gradient(
+                loss, (kernels, views), unconnected_gradients=tf.UnconnectedGradients.ZERO)
         grads_w = [tf.convert_to_tensor(g) for g in grads_w]
         grads_a = _after(grads_a, grads_w)
         if replicas > 1 and grads_w:
@@ -411,8 +413,9 @@ class GradientL1(_Term):
         # offset are taken at the pool's output (module `_capture`)
         pooled = [_pool_output(a, rec.pooled.get(i)) for i, a in enumerate(acts)]
         zero = tf.UnconnectedGradients.ZERO
-        grads = tape.gradient(task, list(variables) + [a if p is None else p
-                                                      for a, p in zip(acts, pooled)])
+        with fast_second_order():
+            grads = tape.gradient(task, list(variables) + [a if p is None else p
+                                                          for a, p in zip(acts, pooled)])
         g_vars = [tf.zeros_like(v) if g is None else g
                   for v, g in zip(variables, grads[:len(variables)])]
         # an activation the loss does not reach through (e.g. a softmax output whose logits
@@ -471,7 +474,8 @@ class GradientL1(_Term):
                              f"{rec2.offset_index} activations ({rec2.pooled_applied} read by a "
                              f"max pool), the first {len(offsets)} ({len(pooled_offsets)}); the "
                              "model's forward pass must be the same on every call.")
-        g2 = tape2.gradient(task2, list(variables), unconnected_gradients=zero)
+        with fast_second_order():
+            g2 = tape2.gradient(task2, list(variables), unconnected_gradients=zero)
         _assign(kernels, saved_w)
         _assign(state, saved_state)
         factor = tf.cast(scale, dtype) / tf.cast(t, dtype)
