@@ -7,7 +7,7 @@ Two ways to compute the gradient of the term (``method=``)
 ------------------------------------------------------------
 * ``"exact"``: double backprop. An inner ``GradientTape`` gives ``∇L``, an outer one
   differentiates ``L + λ‖∇L‖₁`` through it: one forward pass, a backward pass and the backward
-  pass of the backward pass (2.6 plain steps on the benchmark CNN, weights and activations).
+  pass of the backward pass (2.45 plain steps on the benchmark CNN, weights and activations).
   Both methods take their gradients with the max-pool and ReLU rules of
   :func:`tfqreg.training.fast_second_order` (same values, smaller kernels).
 * ``"finite_difference"``: the gradient of ``‖g‖₁`` (``g = ∇_W L``) is ``H·v`` with
@@ -174,8 +174,8 @@ class GradientL1(_Term):
             configs carry theirs, so a model saved with the old default keeps ``"sum"``.
         bits: the grid of ``reduction="step"`` (2..16).
         method: ``"exact"`` (double backprop, the default) or ``"finite_difference"`` (one
-            extra forward and backward pass instead of a second-order one: 1.95 plain steps
-            against 2.6 on the benchmark CNN, weights and activations, 1.25 with ``every=4``,
+            extra forward and backward pass instead of a second-order one: 1.94 plain steps
+            against 2.45 on the benchmark CNN, weights and activations, 1.27 with ``every=4``,
             in ``benchmarks/step_time.py``). At the default λ both fast forms matched the exact
             one within noise on four architectures (``benchmarks/defaults_transfer.py``, same
             seeds), coarsely on the BatchNorm ones; the finite difference refuses models with
