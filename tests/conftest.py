@@ -5,7 +5,6 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import tfqreg  # noqa: E402,F401  (sets TF_USE_LEGACY_KERAS before TF resolves tf.keras)
@@ -28,8 +27,9 @@ SHARED_DATA = os.environ.get("TFQREG_DATA_DIR") or os.path.join(
 
 @pytest.fixture(autouse=True)
 def _seed():
-    tf.random.set_seed(0)
-    np.random.seed(0)
+    # Python's `random` too: tf_keras draws its initializers' seeds from it, so without it a
+    # test's model would depend on the tests that ran before
+    keras.utils.set_random_seed(0)
     yield
     keras.backend.clear_session()
 

@@ -36,7 +36,7 @@ def _litert_predict(flat, x):
 
 @pytest.fixture(scope="module")
 def tiny():
-    tf.random.set_seed(1)
+    keras.utils.set_random_seed(1)
     return models.tiny_cnn()
 
 

@@ -325,12 +325,61 @@ def test_folded_regularizer_round_trips(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the real runtime
+def _file_activation_scales(flat) -> np.ndarray:
+    """The distinct scales of the file's int8 activation tensors (non-constant, one scale)."""
+    from tfqreg.deploy.tflite_file import read_tflite
+
+    return np.unique(np.float32([t.scale[0] for t in read_tflite(flat).tensors
+                                 if not t.constant and t.dtype == "int8" and len(t.scale) == 1]))
+
+
+def _simulated_activation_scales(q) -> np.ndarray:
+    """The distinct 8-bit scales ``(max − min) / 255`` of a PTQ model's calibrated ranges."""
+    out = []
+    for w in q.layers:
+        if not isinstance(w, ptq.ActivationFakeQuant):
+            continue
+        pairs = [(w.input_min, w.input_max)] if w.quantize_input else []
+        if w.activation is not None:
+            pairs.append((w.preactivation_min, w.preactivation_max))
+        if w.quantize_output:
+            pairs.append((w.output_min, w.output_max))
+        out += [(float(hi) - float(lo)) / 255.0 for lo, hi in pairs]
+    return np.unique(np.float32(out))
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_activation_ranges_are_computed_as_the_files_converter_computes_them(weight_bits):
+    """The TF converter calibrates the float model, then quantizes it (int8 file); the INT4
+    file is calibrated by ai-edge-quantizer on a float file whose kernels are already on the
+    grid. ptq.quantize gives each file's activation scales, and the other rule would not."""
+    from tfqreg import export
+
+    model = randomize_bn(bn_model())
+    x = np.random.default_rng(3).random((64, 12, 12, 3)).astype(np.float32)
+    lowbit = {} if weight_bits == 8 else {"weight_bits": 4}
+    res = export.to_tflite(model, mode="int8", representative_data=x, check=False, **lowbit)
+    want = _file_activation_scales(res.flatbuffer)
+    assert len(want) >= 6  # input, three fused ops, the pooled mean, logits, softmax (1/256)
+    q = ptq.quantize(model, weight_bits, activation_bits=8, calibration_data=x)
+    np.testing.assert_allclose(_simulated_activation_scales(q), want, rtol=2e-6)
+    # the other rule: kernels on the 8-bit grid while calibrating / float kernels at W4
+    other = (ptq.quantize(ptq.quantize(model, 8), 8, activation_bits=8, calibration_data=x)
+             if weight_bits == 8 else
+             ptq.quantize(model, 8, activation_bits=8, calibration_data=x))
+    got = _simulated_activation_scales(other)
+    assert len(got) != len(want) or np.abs(got / want - 1).max() > 1e-4
+
+
 @pytest.fixture(scope="module")
 def trained_bn(data_dir, tfds_dir):
     """A small BatchNorm model, 1 epoch on all 60,000 images (938 steps: the moving statistics
-    settle; a few hundred steps leave them far from the batch statistics)."""
+    settle; a few hundred steps leave them far from the batch statistics). Seeded with
+    ``keras.utils.set_random_seed``: tf_keras draws its initializers' seeds from Python's
+    ``random``, which ``tf.random.set_seed`` alone does not reset (the model would depend on
+    the tests that ran before)."""
     (x, y), _ = tfqreg.datasets.load_numpy("fashion_mnist", data_dir, tfds_dir)
-    tf.random.set_seed(0)
+    keras.utils.set_random_seed(0)
     model = models.ds_cnn(filters=(16, 32, 64, 64))
     model.compile(keras.optimizers.Adam(2e-3), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])
@@ -339,19 +388,32 @@ def trained_bn(data_dir, tfds_dir):
 
 
 @pytest.mark.slow
-def test_w8a8_ptq_predicts_litert_int8_on_a_batchnorm_model(trained_bn, fashion_small):
+def test_w8a8_ptq_computes_what_litert_int8_computes_on_a_batchnorm_model(trained_bn,
+                                                                          fashion_small):
     from tfqreg import export
 
     (x, _), (xt, yt) = fashion_small
     res = export.to_tflite(trained_bn, mode="int8", representative_data=x[:500], check=False)
-    lite = float(np.mean(res.predict(xt).argmax(-1) == yt))
+    lite = res.predict(xt)
+    q = ptq.quantize(trained_bn, 8, activation_bits=8, calibration_data=x[:500])
+    sim = q.predict(xt, verbose=0)
+    np.testing.assert_allclose(_simulated_activation_scales(q),
+                               _file_activation_scales(res.flatbuffer), rtol=2e-6)
+    # per image: both outputs lie on the int8 softmax grid (1/256); most are identical, the
+    # others a few steps apart (int32 accumulation and fixed-point rescaling differ from float)
+    diff = np.abs(sim - lite).max(-1)
+    agree = np.mean(sim.argmax(-1) == lite.argmax(-1))
     result = ptq.sweep(trained_bn, (xt, yt), weight_bits=(8,), activation_bits=8,
                        calibration_data=x[:500], progress=False)
+    lite_acc = float(np.mean(lite.argmax(-1) == yt))
     print(f"\nBN model: fp32 {result.float_accuracy:.4f} PTQ W8A8 {result.accuracy(8, 8):.4f} "
-          f"LiteRT int8 {lite:.4f}")
+          f"LiteRT int8 {lite_acc:.4f}; identical outputs {np.mean(diff == 0):.3f}, "
+          f"top-1 agreement {agree:.4f}, mean max|diff| {diff.mean():.4f}")
     assert len(result.folding["folds"]) == 7
-    assert result.float_accuracy > 0.6  # trained (1 epoch of a BN model varies by run)
-    assert abs(result.accuracy(8, 8) - lite) <= 0.003
+    assert result.float_accuracy > 0.6  # trained
+    assert result.accuracy(8, 8) == pytest.approx(float(np.mean(sim.argmax(-1) == yt)))
+    assert np.mean(diff == 0) >= 0.6 and diff.mean() <= 0.005 and agree >= 0.99
+    assert abs(result.accuracy(8, 8) - lite_acc) <= 0.003
 
 
 # ----------------------------------------------------------------------------- QAT

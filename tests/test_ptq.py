@@ -223,7 +223,7 @@ def test_bad_input_raises_clear_errors():
 @pytest.fixture(scope="module")
 def trained(fashion_small):
     (x, y), (xt, yt) = fashion_small
-    tf.random.set_seed(0)
+    keras.utils.set_random_seed(0)
     model = models.small_cnn()
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy",
                   metrics=["accuracy"])

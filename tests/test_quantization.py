@@ -277,7 +277,7 @@ def _tensors_and_ops(flatbuffer):
 @pytest.fixture(scope="module")
 def trained_qat8(fashion_small):
     (x, y), _ = fashion_small
-    tf.random.set_seed(1)
+    keras.utils.set_random_seed(1)
     qat = quantization.quantize_model(models.small_cnn(), weight_bits=8, activation_bits=8)
     qat.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy",
                 metrics=["accuracy"])

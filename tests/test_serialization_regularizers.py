@@ -56,7 +56,7 @@ def data():
 @pytest.fixture(scope="module")
 def trained():
     """A model trained for a few steps, so that every learnable parameter moved off its init."""
-    tf.random.set_seed(1)
+    keras.utils.set_random_seed(1)
     model = build()
     init = {v.name: v.numpy().copy() for v in model.weights}
     x, y = data()

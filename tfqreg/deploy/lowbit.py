@@ -53,7 +53,8 @@ Fashion-MNIST CNN) and is ``2δ`` (then it fails) for a channel whose ``|k|`` ar
 requested grid (within 1e-4 of a step) and refused otherwise; after it, every weight tensor of
 the result is read back and compared with ``k`` and ``δ``; any difference is an error, never a
 silent approximation. Activations are calibrated to int8 (asymmetric, per tensor) on the min/max
-over all of ``representative_data``, as the TF converter and :func:`tfqreg.ptq.quantize` do;
+over all of ``representative_data`` of the float file, whose kernels are on the grid, as
+:func:`tfqreg.ptq.quantize` calibrates below 8 bits;
 model inputs and outputs are int8 by default, like tfqreg's int8 export
 (``io_dtype="float32"`` adds QUANTIZE / DEQUANTIZE ops at the edges).
 

@@ -17,12 +17,15 @@ model is untouched) that computes what the TFLite converter would make of it:
   quantized tensor between them, so rebuild it from those two layers.
 - activations (when ``activation_bits`` is given) are fake-quantized where TFLite quantizes a
   tensor, with asymmetric ranges (TFLite's scheme, :func:`tfqreg.grid.fake_quant_activation`)
-  calibrated as the min/max over ``calibration_data``: the model input; the output of each fused
-  op (a quantized layer + its folded BatchNorm + a following ReLU/ReLU6 are one op, quantized
-  after the activation, never between the layer and its BatchNorm); the logits AND the output of
-  a layer whose activation TFLite cannot fuse (softmax, sigmoid, tanh, ...); and the outputs of
-  the other computing layers (``Add``, ``Concatenate``, pooling averages, an unfolded
-  BatchNorm, a standalone activation). Shape-only layers (max pooling, reshape, flatten,
+  calibrated as the min/max over ``calibration_data``, computed as the file's converter computes
+  them: with the float kernels at 8-bit weights (the TF converter calibrates the float model,
+  then quantizes), with the kernels on the grid below 8 bits (ai-edge-quantizer calibrates the
+  float file whose kernels tfqreg put on the grid). The quantized points: the model input; the
+  output of each fused op (a quantized layer + its folded BatchNorm + a following ReLU/ReLU6 are
+  one op, quantized after the activation, never between the layer and its BatchNorm); the
+  logits AND the output of a layer whose activation TFLite cannot fuse (softmax, sigmoid, tanh,
+  ...); and the outputs of the other computing layers (``Add``, ``Concatenate``, pooling
+  averages, an unfolded BatchNorm, a standalone activation). Shape-only layers (max pooling, reshape, flatten,
   dropout, padding) keep their input's grid, as in TFLite. Wrappers: :class:`ActivationFakeQuant`.
 
 Keras 3 (TensorFlow backend): :func:`quantize` and :func:`sweep` take Keras 3 Sequential and

@@ -16,6 +16,16 @@ from tfqreg.ptq.fakequant import (ActivationFakeQuant, _kernel_attr, _quantizati
 __all__ = ["quantize"]
 
 
+def _calibrates_on_float_kernels(weight_bits: Optional[int]) -> bool:
+    """Whether the activation ranges for ``weight_bits``-bit weights are calibrated with the
+    float kernels (``None`` or 8 and wider: what the TF converter does for an int8 file) or
+    with the kernels on the grid (below 8 bits: ai-edge-quantizer calibrates the float file of
+    :func:`quantize` ``(model, weight_bits)``, whose kernels are already on the grid). The two
+    ranges differ by about one activation step, which is enough to move several percent of a
+    layer's outputs by one step."""
+    return weight_bits is None or weight_bits >= 8
+
+
 # ----------------------------------------------------------------------------- the PTQ model
 class _PTQModel:
     """A folded clone of a float model whose kernels and activation wrappers are set per width.
@@ -28,6 +38,7 @@ class _PTQModel:
         base = fold.fold_model(model)
         self.layers = quantizable_layers(base)
         self.float_kernels = [getattr(l, _kernel_attr(l)).numpy() for l in self.layers]
+        self.weight_config = (None, True, False)  # (bits, per_channel, narrow_range)
         self.wrappers: List[ActivationFakeQuant] = []
         self.model = self._wrap(base) if activations else base
         self._predict = None
@@ -53,6 +64,7 @@ class _PTQModel:
         return keras.models.clone_model(base, clone_function=wrap)
 
     def set_weight_bits(self, bits: Optional[int], per_channel, narrow_range: bool):
+        self.weight_config = (bits, per_channel, narrow_range)
         for layer, w in zip(self.layers, self.float_kernels):
             if bits is None:
                 q = w
@@ -72,15 +84,25 @@ class _PTQModel:
         self._predict = None  # Python attributes changed: trace again
 
     def calibrate(self, data, bits: int):
-        """Ranges: min/max over ``data`` of the model with its kernels as they are now (on the
-        grid), as ai-edge-quantizer calibrates the sub-8-bit files (at 8 bits this equals the
-        TF converter's float calibration to within a grid step); then fixed output grids where
-        TFLite fixes them (softmax, sigmoid, tanh)."""
+        """Ranges: min/max over ``data``, computed the way the converter that writes the file
+        computes them (:func:`_calibrates_on_float_kernels`): with the float (folded) kernels
+        for 8-bit and wider weights (the TF converter calibrates the float model, then
+        quantizes it), with the kernels on the grid below 8 bits (ai-edge-quantizer
+        calibrates the float file whose kernels tfqreg put on the grid); then fixed output
+        grids where TFLite fixes them (softmax, sigmoid, tanh)."""
+        weights = self.weight_config
+        on_float = _calibrates_on_float_kernels(weights[0])
+        if on_float and weights[0] is not None:
+            self.set_weight_bits(None, *weights[1:])
         self.set_activation_mode("calibrate")
         for wrapper in self.wrappers:
             wrapper.reset_ranges()
-        for x in _batches(data, self.model, "calibration_data", with_labels=False):
-            self.predict(x)
+        try:
+            for x in _batches(data, self.model, "calibration_data", with_labels=False):
+                self.predict(x)
+        finally:
+            if on_float and weights[0] is not None:
+                self.set_weight_bits(*weights)
         for wrapper in self.wrappers:
             fixed = wrapper.quantize_output and wrapper.fixed_output_range(bits)
             if fixed:
@@ -116,7 +138,10 @@ def quantize(model: keras.Model, weight_bits: int, activation_bits: Optional[int
             ``Dense`` (what TFLite Micro's INT4 FULLY_CONNECTED kernel needs).
         calibration_data: inputs for the activation ranges (required with ``activation_bits``):
             a NumPy array ``x``, a tuple ``(x, y)`` or a ``tf.data.Dataset``; a few batches
-            (hundreds to a few thousand examples) are enough.
+            (hundreds to a few thousand examples) are enough. The ranges are computed as the
+            file's converter computes them: with the float kernels for ``weight_bits`` ≥ 8
+            (the TF converter's int8 file), with the kernels on the grid below 8 bits
+            (ai-edge-quantizer's INT4 / INT2 files).
         narrow_range: symmetric weight range ``±(2^(b−1) − 1)`` (no change with the default
             step, which never reaches ``−2^(b−1)``).
 
