@@ -17,8 +17,9 @@ post-training quantized three ways and evaluated on the test set:
   ``fake_quant_with_min_max_args`` is applied where TFLite quantizes a tensor: the input, the
   output of each fused conv+BN+ReLU6, the pooled features, the logits and the softmax (fixed
   grid 1/256), with min/max ranges calibrated on 512 training images with the kernels on the
-  grid (as tfqreg.ptq and ai-edge-quantizer's low-bit path calibrate; the TF converter's int8
-  path calibrates the float model, which differs by about a grid step at 8 bits).
+  grid (as tfqreg.ptq calibrates below 8 bits, like ai-edge-quantizer's low-bit files; at 8
+  bits it calibrates the float model, as the TF converter's int8 path does, and
+  ``device_match.py`` shows what that changes).
 - ``old: raw kernels``: what tfqreg's PTQ did before the fold (before commit 1e17c2d): the raw
   kernels ``w`` quantized on the same NumPy grid, BatchNorm left in float after them; with
   8-bit activations, the input and each convolution's output (before its BatchNorm) and the

@@ -53,6 +53,8 @@ SECTIONS = (
      "re-estimated after pruning",
      "python benchmarks/defaults_transfer.py --archs ds_cnn resnet_small --seeds 3 --rows plain "
      "partial_l2:l=1 partial_l2 partial_l2:l=100 --out defaults_transfer_bn_pruning.json"),
+    ("device_match.json", "Simulation vs the file in LiteRT, image by image",
+     "python benchmarks/device_match.py"),
     ("bnn_convergence.json", "Binary networks trained to convergence (benchmark 2b)",
      "python benchmarks/bnn_convergence.py --train-size 15000 --tune-epochs 2 --epochs 20 "
      "--seeds 5 --resume"),
@@ -63,7 +65,7 @@ OPTIONAL = {"robustness_ds_cnn.json", "robustness_gl1_step.json",
             "robustness_ds_cnn_gl1_step.json", "batchnorm_fold.json", "defaults_transfer.json",
             "defaults_transfer_bn_free_5seeds.json", "defaults_transfer_bn_3seeds.json",
             "defaults_transfer_bn_pruning.json",
-            "bnn_convergence.json"}
+            "bnn_convergence.json", "device_match.json"}
 
 
 def _describe(d: dict) -> str:
